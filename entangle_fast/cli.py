@@ -1,0 +1,46 @@
+"""The ``entangle-fast`` command line.
+
+Each subcommand lives in its own module under ``entangle_fast.commands`` with ``configure(parser)`` and ``run(args)``;
+this file only lists them. Running ``entangle-fast`` with no subcommand runs the default one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The first entry is the default.
+COMMANDS = {
+    "logprobs": ("entangle_fast.commands.logprobs", "chosen/rejected log-probs of built-in pairs on a tiny model"),
+}
+DEFAULT = "logprobs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="entangle-fast",
+        description="Measure gradient entanglement in preference alignment. Without a subcommand: "
+        f"`entangle-fast {DEFAULT}` on the built-in tiny model (no downloads).",
+    )
+    sub = parser.add_subparsers(dest="command")
+    for name, (module, help_text) in COMMANDS.items():
+        importlib.import_module(module).configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = [DEFAULT] + argv
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
+        print(f"entangle-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``entangle-fast`` CLI (see :mod:`entangle_fast.cli`)."""

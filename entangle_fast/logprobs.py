@@ -1,0 +1,318 @@
+"""Fused per-token log-probs ``log_softmax(h W^T + b)[y]`` without materialising the ``[N, V]`` logits.
+
+Forward: online log-sum-exp over vocabulary tiles plus the target logit; saves ``lse [N]``.
+Backward: recomputes each logit tile from ``lse`` and forms delta = e_y - p, giving
+``r = delta W`` (the unscaled hidden gradient, ``grad_h = g * r``), ``grad_W += (g delta)^T h`` and
+``grad_b += sum g delta``. When token statistics are asked for, the same backward runs vocabulary chunk by chunk and
+adds each chunk's probability products to every pair's ``P_w P_l^T`` (docs/math.md sections 3.1 and 7).
+
+Vertical slice: ``kernels/logprob.py`` (Triton) and the chunked PyTorch path below share one contract
+(``*_fwd``/``*_bwd``); :class:`LinearLogprobFunction` calls whichever :func:`resolve_impl` picked.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from entangle_fast._backend import resolve_impl
+from entangle_fast.token_stats import (
+    BackwardRecord,
+    OutputLayerTokenStats,
+    PairLayout,
+    TokenStatsHandle,
+    active_listeners,
+    finalize_token_stats,
+    resolve_pairs,
+)
+
+# The PyTorch path works on [rows, vocab] tiles of at most this many elements (64 MiB in fp32), whatever N is.
+TORCH_TILE_ELEMENTS = 1 << 24
+TORCH_VOCAB_TILE = 8192
+# The statistics path holds one [N, V_chunk] probability chunk; V_chunk is a multiple of TORCH_VOCAB_TILE so the
+# PyTorch backend's gradients are bit-identical with and without statistics.
+STATS_CHUNK_ELEMENTS = 1 << 26
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_tiles(n: int, v0: int, v1: int):
+    """Row chunks and vocabulary tiles of the PyTorch path: tiles bounded by TORCH_TILE_ELEMENTS."""
+    rows = max(1, TORCH_TILE_ELEMENTS // TORCH_VOCAB_TILE)
+    for r0 in range(0, n, rows):
+        for c0 in range(v0, v1, TORCH_VOCAB_TILE):
+            yield slice(r0, min(r0 + rows, n)), c0, min(c0 + TORCH_VOCAB_TILE, v1)
+
+
+def _torch_logits(hidden, weight, bias, rows, c0, c1):
+    cdt = _compute_dtype(hidden.dtype)
+    z = hidden[rows].to(cdt) @ weight[c0:c1].to(cdt).T
+    return z + bias[c0:c1].to(cdt) if bias is not None else z
+
+
+def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index):
+    """PyTorch path of the forward contract: returns ``(logprobs [N], lse [N])`` in fp32 (fp64 for fp64 inputs)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    running_max = torch.full((n,), float("-inf"), dtype=cdt, device=hidden.device)
+    running_sum = torch.zeros(n, dtype=cdt, device=hidden.device)
+    target = torch.zeros(n, dtype=cdt, device=hidden.device)
+    for rows, c0, c1 in _torch_tiles(n, 0, v):
+        z = _torch_logits(hidden, weight, bias, rows, c0, c1)
+        new_max = torch.maximum(running_max[rows], z.max(dim=1).values)
+        running_sum[rows] = running_sum[rows] * torch.exp(running_max[rows] - new_max) + torch.exp(
+            z - new_max[:, None]
+        ).sum(dim=1)
+        running_max[rows] = new_max
+        lab = labels[rows]
+        inside = (lab >= c0) & (lab < c1)
+        picked = z.gather(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+        target[rows] = torch.where(inside, picked, target[rows])
+    lse = running_max + torch.log(running_sum)
+    logprobs = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
+    return logprobs, lse
+
+
+def torch_logprob_bwd(
+    hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
+    grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out,
+):
+    """PyTorch path of the backward contract (see ``kernels/logprob.py``): accumulates in place into the fp32/fp64
+    buffers ``grad_hidden_unscaled [N, d]``, ``grad_weight [V, d]``, ``grad_bias [V]`` over vocab ``[vocab_start,
+    vocab_end)``, and writes ``probs_out [N, vocab_end - vocab_start]`` when given."""
+    cdt = _compute_dtype(hidden.dtype)
+    valid = labels != ignore_index
+    for rows, c0, c1 in _torch_tiles(hidden.shape[0], vocab_start, vocab_end):
+        z = _torch_logits(hidden, weight, bias, rows, c0, c1)
+        p = torch.exp(z - lse[rows, None].to(cdt)) * valid[rows, None]
+        if probs_out is not None:
+            probs_out[rows, c0 - vocab_start : c1 - vocab_start] = p
+        lab = labels[rows]
+        inside = valid[rows] & (lab >= c0) & (lab < c1)
+        du = -p
+        hit = torch.nonzero(inside).flatten()
+        du[hit, lab[hit] - c0] += 1.0
+        grad_hidden_unscaled[rows] += du @ weight[c0:c1].to(cdt)
+        if grad_weight is not None or grad_bias is not None:
+            gdu = du * grad_logprobs[rows, None].to(cdt)
+            if grad_weight is not None:
+                grad_weight[c0:c1] += gdu.T @ hidden[rows].to(cdt)
+            if grad_bias is not None:
+                grad_bias[c0:c1] += gdu.sum(dim=0)
+
+
+def _backend_fns(impl: str):
+    if impl == "triton":
+        from entangle_fast.kernels import logprob_bwd, logprob_fwd
+
+        return logprob_fwd, logprob_bwd
+    return torch_logprob_fwd, torch_logprob_bwd
+
+
+def _vocab_chunks(n: int, v: int, with_stats: bool):
+    """Vocabulary ranges of the backward: one range without statistics; chunks holding at most
+    STATS_CHUNK_ELEMENTS probabilities (a multiple of TORCH_VOCAB_TILE columns) with them."""
+    if not with_stats:
+        return [(0, v)]
+    cols = max(TORCH_VOCAB_TILE, (STATS_CHUNK_ELEMENTS // max(n, 1)) // TORCH_VOCAB_TILE * TORCH_VOCAB_TILE)
+    return [(c0, min(c0 + cols, v)) for c0 in range(0, v, cols)]
+
+
+def fused_backward(
+    impl, hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
+    need_weight_grad: bool, need_bias_grad: bool, layout: PairLayout | None,
+):
+    """One pass of the fused backward over the whole vocabulary.
+
+    Returns ``(r [N, d], grad_weight [V, d] | None, grad_bias [V] | None)`` in the compute dtype; when ``layout`` is
+    given, each vocabulary chunk's probabilities are added to its pair products before the next chunk overwrites them.
+    """
+    _, bwd = _backend_fns(impl)
+    n, v = hidden.shape[0], weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    r = torch.zeros(n, hidden.shape[1], dtype=cdt, device=hidden.device)
+    gw = torch.zeros(v, weight.shape[1], dtype=cdt, device=hidden.device) if need_weight_grad else None
+    gb = torch.zeros(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
+    chunks = _vocab_chunks(n, v, layout is not None)
+    probs = None
+    if layout is not None:
+        probs = torch.empty(n, chunks[0][1] - chunks[0][0], dtype=cdt, device=hidden.device)
+    for v0, v1 in chunks:
+        chunk_probs = probs[:, : v1 - v0] if probs is not None else None
+        bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
+            grad_hidden_unscaled=r, grad_weight=gw, grad_bias=gb,
+            vocab_start=v0, vocab_end=v1, probs_out=chunk_probs)
+        if layout is not None:
+            layout.accumulate(chunk_probs)
+    return r, gw, gb
+
+
+class _StatsRequest:
+    """What the forward needs to remember for the statistics of the backward."""
+
+    def __init__(self, labels_2d, pairs, ignore_index, full_matrices, handle, listeners):
+        self.labels_2d, self.pairs, self.ignore_index = labels_2d, pairs, ignore_index
+        self.full_matrices, self.handle, self.listeners = full_matrices, handle, listeners
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    """Autograd node of :func:`linear_logprobs` on flattened ``hidden [N, d]``, ``labels [N]``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, impl, stats_request):
+        fwd, _ = _backend_fns(impl)
+        logprobs, lse = fwd(hidden, weight, labels, bias, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.ignore_index, ctx.impl, ctx.stats_request = ignore_index, impl, stats_request
+        ctx.mark_non_differentiable(lse)
+        return logprobs.float() if hidden.dtype != torch.float64 else logprobs, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        req: _StatsRequest | None = ctx.stats_request
+        g = grad_logprobs.to(_compute_dtype(hidden.dtype)).contiguous()
+        layout = None
+        if req is not None:
+            layout = PairLayout(req.labels_2d, req.pairs, req.ignore_index, _compute_dtype(hidden.dtype))
+        r, gw, gb = fused_backward(
+            ctx.impl, hidden, weight, labels, bias, lse, g, ctx.ignore_index,
+            need_weight_grad=ctx.needs_input_grad[1], need_bias_grad=bias is not None and ctx.needs_input_grad[2],
+            layout=layout,
+        )
+        if req is not None:
+            stats = finalize_token_stats(layout, hidden, weight, bias, labels, lse, r, g, req.full_matrices)
+            if req.handle is not None:
+                req.handle._stats = stats
+            for listener in req.listeners:
+                listener(BackwardRecord(hidden, weight, bias, labels, lse, g, ctx.ignore_index,
+                                        tuple(req.labels_2d.shape), stats))
+        grad_hidden = (g[:, None] * r).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = gw.to(weight.dtype) if gw is not None else None
+        grad_bias = gb.to(bias.dtype) if gb is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int) -> None:
+    floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if not isinstance(hidden, Tensor) or hidden.dtype not in floats:
+        raise TypeError(f"hidden must be a float32/bfloat16/float16/float64 tensor, got {getattr(hidden, 'dtype', type(hidden))}")
+    if hidden.ndim < 1:
+        raise ValueError("hidden must have shape [..., d]")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, d] with d = hidden.shape[-1] = {hidden.shape[-1]}; got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"labels must lie in [0, V={weight.shape[0]}) or equal ignore_index={ignore_index}; "
+                f"labels{list(idx)} = {int(labels[idx])}"
+            )
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    pairs: Tensor | list | None = None,
+    token_stats: bool = False,
+    full_matrices: bool = False,
+) -> Tensor | tuple[Tensor, TokenStatsHandle]:
+    """Per-token ``log_softmax(hidden @ weight.T + bias)[labels]`` without materialising the logits.
+
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` under any upstream gradient. Peak extra memory is one
+    ``[rows, vocab]`` tile (PyTorch path) or none beyond ``[N]`` (Triton), independent of N.
+
+    Args:
+        hidden: ``[..., d]`` final hidden states (after the final norm), fp32/bf16/fp16 (fp64 on the PyTorch path).
+        weight: ``[V, d]`` output embedding, same dtype. bias: ``[V]`` or None.
+        labels: ``[...]`` int64 targets aligned with ``hidden`` (no shift here); ``ignore_index`` marks skipped tokens.
+        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"torch"`` (``"cuda"`` raises until built).
+        pairs: with ``token_stats``: ``[P, 2]`` (chosen row, rejected row) over the rows of ``hidden [R, T, d]``;
+            default row i with row R/2 + i (TRL's concatenated layout).
+        token_stats: also compute :class:`~entangle_fast.token_stats.OutputLayerTokenStats` in the backward; requires
+            ``hidden [R, T, d]``. Returns ``(logprobs, handle)``; ``handle.stats`` is filled by ``.backward()``.
+        full_matrices: with ``token_stats``, also keep the within-response ``[T_w, T_w]``/``[T_l, T_l]`` matrices.
+
+    Returns:
+        ``[...]`` float32 log-probs (float64 for float64 inputs), exactly 0 where ``labels == ignore_index``;
+        with ``token_stats=True`` a tuple ``(logprobs, TokenStatsHandle)``.
+    """
+    _validate(hidden, weight, labels, bias, ignore_index)
+    backend = resolve_impl(impl, hidden.device, hidden.dtype)
+    listeners = active_listeners()
+    request = None
+    handle = TokenStatsHandle() if token_stats else None
+    if token_stats or (listeners and hidden.ndim == 3):
+        if hidden.ndim != 3:
+            raise ValueError(f"token_stats needs hidden of shape [R, T, d] (rows of sequences); got {tuple(hidden.shape)}")
+        request = _StatsRequest(labels, resolve_pairs(pairs, hidden.shape[0], hidden.device), ignore_index,
+                                full_matrices, handle, listeners)
+    elif pairs is not None:
+        raise ValueError("pairs= only matters with token_stats=True")
+    lead = hidden.shape[:-1]
+    if hidden.numel() == 0 or labels.numel() == 0:
+        empty = hidden.new_zeros(lead, dtype=_compute_dtype(hidden.dtype)) + 0 * hidden.sum() + 0 * weight.sum()
+        return (empty, handle) if token_stats else empty
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    logprobs, _ = LinearLogprobFunction.apply(
+        h2, weight.contiguous(), bias.contiguous() if bias is not None else None,
+        labels.reshape(-1).to(torch.int64).contiguous(), ignore_index, backend, request,
+    )
+    logprobs = logprobs.reshape(lead)
+    return (logprobs, handle) if token_stats else logprobs
+
+
+@torch.no_grad()
+def output_layer_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    pairs: Tensor | list | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    full_matrices: bool = False,
+) -> OutputLayerTokenStats:
+    """The output-layer token statistics without training: the fused forward and one statistics-only backward.
+
+    For profiling and checkpoints where no backward runs. ``hidden [R, T, d]``, ``labels [R, T]``; other arguments as
+    in :func:`linear_logprobs`. ``a_w``/``a_l`` are None (no loss, no upstream gradient).
+    """
+    _validate(hidden, weight, labels, bias, ignore_index)
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must have shape [R, T, d]; got {tuple(hidden.shape)}")
+    backend = resolve_impl(impl, hidden.device, hidden.dtype)
+    fwd, _ = _backend_fns(backend)
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    lab = labels.reshape(-1).to(torch.int64).contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    _, lse = fwd(h2, weight, lab, bias, ignore_index)
+    cdt = _compute_dtype(hidden.dtype)
+    layout = PairLayout(labels, resolve_pairs(pairs, hidden.shape[0], hidden.device), ignore_index, cdt)
+    zeros = torch.zeros(h2.shape[0], dtype=cdt, device=hidden.device)
+    r, _, _ = fused_backward(backend, h2, weight, lab, bias, lse, zeros, ignore_index,
+                             need_weight_grad=False, need_bias_grad=False, layout=layout)
+    return finalize_token_stats(layout, h2, weight, bias, lab, lse, r, None, full_matrices)

@@ -1,0 +1,136 @@
+"""Tiny causal LMs and a word-level tokenizer built in code: the embedded defaults of the CLI, tests and examples.
+
+Nothing here downloads anything. The tokenizer is a ``transformers.PreTrainedTokenizerFast`` over a fixed word list
+(whitespace split, lower case), so decoded tokens read as words in tables and heat-maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+# Words of the built-in sentiment-style preference data (docs: the paper's sentiment study in miniature).
+BASE_WORDS = (
+    "the a an this that it is was be and or but so very quite really not movie film book story plot acting music "
+    "review rate my i you we they he she of in on to for with as at by from positive negative good bad great "
+    "terrible fine okay sentiment overall summary answer question what how why was felt feel think say says said "
+    "liked loved hated enjoyed boring exciting ending characters scenes one two three because too much more less "
+    ": . , ! ?"
+).split()
+
+
+def build_tokenizer(extra_words: list[str] | tuple[str, ...] = ()):
+    """A word-level fast tokenizer over :data:`BASE_WORDS` plus ``extra_words``.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with ``<pad>``, ``<unk>``, ``<bos>``, ``<eos>`` (ids 0-3);
+    unknown words map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in list(BASE_WORDS) + [w.lower() for w in extra_words]:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+@dataclass
+class TinyConfig:
+    """Size of a tiny model: ``vocab_size`` must cover the tokenizer."""
+
+    vocab_size: int = 160
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 64
+    max_positions: int = 128
+
+
+def tiny_model(arch: str = "llama", cfg: TinyConfig | None = None, *, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised causal LM built from a config object (no download).
+
+    Args:
+        arch: ``"llama"`` (untied head), ``"qwen2"`` (q/k/v biases), ``"gpt2"`` (Conv1D layers, tied embeddings).
+        cfg: sizes; default :class:`TinyConfig`.
+        seed: initialisation seed.
+        dtype: parameter dtype. For float64, RMSNorm is made to compute in float64 too (Hugging Face's Llama and
+            Qwen2 norms upcast to float32 only), so a float64 model is float64-exact.
+    """
+    import transformers as tf
+
+    cfg = cfg or TinyConfig()
+    common = dict(vocab_size=cfg.vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if arch in ("llama", "qwen2"):
+        kw = dict(
+            hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_positions, tie_word_embeddings=False, **common,
+        )
+        config = tf.LlamaConfig(**kw) if arch == "llama" else tf.Qwen2Config(**kw)
+        model_cls = tf.LlamaForCausalLM if arch == "llama" else tf.Qwen2ForCausalLM
+    elif arch == "gpt2":
+        config = tf.GPT2Config(
+            n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_positions=cfg.max_positions,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+        model_cls = tf.GPT2LMHeadModel
+    else:
+        raise ValueError(f"arch must be 'llama', 'qwen2' or 'gpt2', got {arch!r}")
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype)
+    if dtype == torch.float64:
+        _float64_norms(model)
+    return model.eval()
+
+
+def _float64_norms(model) -> None:
+    """Make Llama/Qwen2 RMSNorm compute in the input dtype (they upcast to float32 whatever the input)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+
+            def forward(hidden, _m=module, _eps=eps):
+                variance = hidden.pow(2).mean(-1, keepdim=True)
+                return _m.weight * (hidden * torch.rsqrt(variance + _eps))
+
+            module.forward = forward
+
+
+# Built-in preference pairs: the response differs in one sentiment word, with and without a shared suffix.
+BUILTIN_PAIRS = [
+    {"prompt": "review : the movie was", "chosen": "positive", "rejected": "negative"},
+    {"prompt": "review : the book was", "chosen": "good and the ending was fine", "rejected": "bad and the ending was fine"},
+    {"prompt": "overall sentiment of my review :", "chosen": "positive because the acting was great and the music was very good",
+     "rejected": "negative because the acting was great and the music was very good"},
+]
+
+
+def encode_pairs(tokenizer, pairs: list[dict], *, max_length: int | None = None) -> dict:
+    """``[2B, T]`` ``input_ids``, ``attention_mask`` and ``labels`` (TRL's concatenated layout, right padding).
+
+    Each row is ``<bos> prompt response <eos>``; labels are -100 on the prompt, ``<bos>`` and padding.
+    """
+    rows, labels = [], []
+    for side in ("chosen", "rejected"):
+        for ex in pairs:
+            prompt = [tokenizer.bos_token_id] + tokenizer.encode(ex["prompt"], add_special_tokens=False)
+            response = tokenizer.encode(ex[side], add_special_tokens=False) + [tokenizer.eos_token_id]
+            ids = (prompt + response)[:max_length] if max_length else prompt + response
+            rows.append(ids)
+            labels.append(([-100] * len(prompt) + response)[: len(ids)])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }

@@ -1,0 +1,135 @@
+"""Plain-PyTorch references for every quantity entangle_fast computes.
+
+These materialise what the fused ops avoid materialising (the ``[N, V]`` logits, per-token gradient vectors), so they
+are for tests, benchmarks and documentation, not for training at scale. Every test, benchmark and fallback imports
+them from here: there is no second copy of the math.
+
+Shapes: ``N`` tokens, ``d`` hidden size, ``V`` vocabulary size, ``T_w``/``T_l`` response tokens of a chosen/rejected row.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def linear_logprobs_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    *,
+    upcast: bool = True,
+) -> Tensor:
+    """Per-token ``log_softmax(hidden @ weight.T + bias)[label]`` with materialised logits.
+
+    Same semantics as TRL's ``selective_log_softmax`` on masked labels: 0 where ``label == ignore_index``.
+
+    Args:
+        hidden: ``[..., d]``. weight: ``[V, d]``. labels: ``[...]`` int64. bias: ``[V]`` or None.
+        upcast: compute the log-softmax in at least float32 (the logits are produced by one matmul in the input dtype,
+            which is what plain PyTorch does in low precision). float64 inputs stay float64.
+
+    Returns:
+        ``[...]`` log-probs, float64 for float64 inputs, else float32.
+    """
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if upcast:
+        logits = logits.to(out_dtype)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp)).to(out_dtype)
+
+
+def sequence_logprobs_reference(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-token log-probs of a causal LM from its full ``logits [R, T, V]`` and unshifted ``labels [R, T]``.
+
+    Applies the Hugging Face causal-LM shift (logits at position t predict labels at t + 1) and returns ``[R, T - 1]``,
+    0 where the shifted label is ``ignore_index``.
+    """
+    logits = logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    shifted = labels[:, 1:]
+    valid = shifted != ignore_index
+    safe = torch.where(valid, shifted, torch.zeros_like(shifted))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+def per_token_gradients_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Explicit per-token gradients of each row's response-token log-probs, one autograd backward per token.
+
+    For every row r and every response position t (``labels[r, t] != ignore_index``, in position order):
+    ``grad_{(W, b)} l_{r,t}`` flattened, and ``d l_{r,t} / d h_{r,t}``.
+
+    Args:
+        hidden: ``[R, T, d]``; weight ``[V, d]``; labels ``[R, T]``; bias ``[V]`` or None.
+
+    Returns:
+        ``(param_grads, hidden_grads)``: lists over rows of ``[T_r, V*d (+V)]`` and ``[T_r, d]``.
+    """
+    hidden = hidden.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    params = [weight] + ([bias.detach().requires_grad_(True)] if bias is not None else [])
+    logp = linear_logprobs_reference(hidden, params[0], labels, params[1] if bias is not None else None, ignore_index)
+    param_grads, hidden_grads = [], []
+    for r in range(hidden.shape[0]):
+        rows_p, rows_h = [], []
+        for t in torch.nonzero(labels[r] != ignore_index).flatten().tolist():
+            grads = torch.autograd.grad(logp[r, t], params + [hidden], retain_graph=True)
+            rows_p.append(torch.cat([g.reshape(-1) for g in grads[:-1]]))
+            rows_h.append(grads[-1][r, t])
+        d = hidden.shape[-1]
+        n_param = sum(p.numel() for p in params)
+        param_grads.append(torch.stack(rows_p) if rows_p else hidden.new_zeros(0, n_param))
+        hidden_grads.append(torch.stack(rows_h) if rows_h else hidden.new_zeros(0, d))
+    return param_grads, hidden_grads
+
+
+def output_layer_token_stats_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    pairs: Sequence[tuple[int, int]],
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> list[dict[str, Tensor]]:
+    """Output-layer token matrices from explicit per-token gradients (the slow, obviously-right way).
+
+    For each pair ``(w, l)`` of rows, with ``G_r`` the stacked per-token gradients w.r.t. ``(W, b)`` of row r and
+    ``R_r`` those w.r.t. the hidden state at the token's own position:
+
+    - ``K_wl = G_w G_l^T`` ``[T_w, T_l]``, ``K_ww``, ``K_ll`` (within-response matrices),
+    - ``inner = sum K_wl``, ``chosen_sq_norm = sum K_ww``, ``rejected_sq_norm = sum K_ll``, ``cosine``,
+    - ``hidden_gram = R_w R_l^T`` ``[T_w, T_l]``.
+    """
+    param_grads, hidden_grads = per_token_gradients_reference(hidden, weight, labels, bias, ignore_index)
+    out = []
+    for w, l in pairs:
+        gw, gl = param_grads[w], param_grads[l]
+        k_wl, k_ww, k_ll = gw @ gl.T, gw @ gw.T, gl @ gl.T
+        inner, nw, nl = k_wl.sum(), k_ww.sum(), k_ll.sum()
+        out.append(
+            dict(
+                K_wl=k_wl,
+                K_ww=k_ww,
+                K_ll=k_ll,
+                inner=inner,
+                chosen_sq_norm=nw,
+                rejected_sq_norm=nl,
+                cosine=inner / torch.sqrt(nw * nl),
+                hidden_gram=hidden_grads[w] @ hidden_grads[l].T,
+            )
+        )
+    return out

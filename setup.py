@@ -1,0 +1,34 @@
+"""Build script for entangle_fast.
+
+`kernels/` (Triton) installs as the subpackage `entangle_fast.kernels`. The CUDA extension in `csrc/` is built
+just-in-time on first use; an ahead-of-time build is opt-in (see docs/cuda.md once it lands).
+
+Torch is required but deliberately unpinned from above: a GPU machine keeps its CUDA build of torch, and a CPU machine
+that already has torch installed is not upgraded to a newer (CUDA) build by pip.
+"""
+from setuptools import setup
+
+setup(
+    name="entangle-fast",
+    version="0.1.0",
+    description="Fused kernels that measure gradient entanglement in preference alignment at every training step",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["entangle_fast", "entangle_fast.kernels"],
+    package_dir={"entangle_fast": "entangle_fast", "entangle_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "ninja",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build", "wheel"],
+    },
+    entry_points={"console_scripts": ["entangle-fast = entangle_fast.cli:main"]},
+)
