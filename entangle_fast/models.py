@@ -5,6 +5,7 @@ Nothing here downloads anything. The tokenizer is a ``transformers.PreTrainedTok
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,8 @@ def tiny_model(arch: str = "llama", cfg: TinyConfig | None = None, *, seed: int 
         model_cls = tf.GPT2LMHeadModel
     else:
         raise ValueError(f"arch must be 'llama', 'qwen2' or 'gpt2', got {arch!r}")
-    config._attn_implementation = "eager"
+    # SDPA keeps the input dtype through the softmax (the eager path takes it in float32), so float64 stays float64.
+    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype)
     if dtype == torch.float64:
@@ -92,17 +94,20 @@ def tiny_model(arch: str = "llama", cfg: TinyConfig | None = None, *, seed: int 
     return model.eval()
 
 
+def _rms_norm_in_input_dtype(self, hidden):
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    eps = getattr(self, "variance_epsilon", getattr(self, "eps", 1e-6))
+    return self.weight * (hidden * torch.rsqrt(variance + eps))
+
+
 def _float64_norms(model) -> None:
-    """Make Llama/Qwen2 RMSNorm compute in the input dtype (they upcast to float32 whatever the input)."""
+    """Make Llama/Qwen2 RMSNorm compute in the input dtype (they upcast to float32 whatever the input).
+
+    The replacement is a bound method, so ``copy.deepcopy(model)`` rebinds it to the copy's own weights.
+    """
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
-            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-
-            def forward(hidden, _m=module, _eps=eps):
-                variance = hidden.pow(2).mean(-1, keepdim=True)
-                return _m.weight * (hidden * torch.rsqrt(variance + _eps))
-
-            module.forward = forward
+            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
 
 
 # Built-in preference pairs: the response differs in one sentiment word, with and without a shared suffix.

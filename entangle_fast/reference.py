@@ -133,3 +133,23 @@ def output_layer_token_stats_reference(
             )
         )
     return out
+
+
+def flat_gradients_reference(outputs: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Flattened gradients of every scalar in ``outputs`` w.r.t. ``params``, one autograd backward each.
+
+    The explicit baseline of the monitor: ``outputs [R]`` (e.g. the summed log-prob of each row) -> ``[R, n]`` with n
+    the total size of ``params`` (in order); a parameter an output does not reach contributes zeros.
+    """
+    rows = []
+    for r in range(outputs.shape[0]):
+        grads = torch.autograd.grad(outputs[r], list(params), retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+def entanglement_reference(chosen_grads: Tensor, rejected_grads: Tensor) -> dict[str, Tensor]:
+    """``inner``, ``chosen_sq_norm``, ``rejected_sq_norm``, ``cosine`` ``[B]`` from explicit ``[B, n]`` gradients."""
+    inner = (chosen_grads * rejected_grads).sum(1)
+    nw, nl = (chosen_grads * chosen_grads).sum(1), (rejected_grads * rejected_grads).sum(1)
+    return {"inner": inner, "chosen_sq_norm": nw, "rejected_sq_norm": nl, "cosine": inner / torch.sqrt(nw * nl)}

@@ -1,0 +1,225 @@
+"""Ghost Gram: inner products of per-segment parameter gradients of one layer, from activations and output gradients.
+
+For a layer applied at the positions tau of packed segments (sequences), with input a_tau and output gradient
+gamma_tau, the gradient a segment r puts on the weight is sum_tau gamma_tau a_tau^T; its inner product with another
+segment's never needs that [d_out, d_in] matrix (docs/math.md, section 4):
+
+    values[p] = sum_{tau in i, sigma in j} F(tau, sigma) (gamma_tau . gamma_sigma),
+    F = a_tau . a_sigma (weight) | 1 (bias, ``a=None``) | [ids_tau == ids_sigma] (embedding, ``ids=``).
+
+Vertical slice: ``kernels/ghost_gram.py`` (``_ghost_gram_kernel`` -> ``ghost_gram_fwd``) and
+:func:`torch_ghost_gram_fwd` below share one contract; :func:`ghost_gram` calls whichever :func:`resolve_impl` picked.
+The plain reference :func:`ghost_gram_reference` sits at the end of this file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from entangle_fast._backend import resolve_impl
+
+# The PyTorch path forms [tile, tile] blocks of the (tau, sigma) plane, 16 MiB each in fp32, whatever the lengths.
+TORCH_TILE = 2048
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class GhostGramResult:
+    """Ghost Gram values of P segment pairs.
+
+    values: ``[P]`` float32 (float64 for float64 inputs): ``<grad s_i, grad s_j>`` of the layer for pair p = (i, j).
+    position_matrix: ``[P, Tmax_i, Tmax_j]`` the per-(tau, sigma) terms ``F(tau, sigma) (gamma_tau . gamma_sigma)``
+        (tau, sigma counted from each segment's start), zero beyond each pair's lengths; Tmax_i (Tmax_j) is the
+        longest first (second) segment over the pairs. Its total over (tau, sigma) is ``values``. None unless
+        ``positions=True``.
+    """
+
+    values: Tensor
+    position_matrix: Tensor | None = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _validate(a, gamma, cu_seqlens, seg_pairs, ids) -> None:
+    """Shapes, dtypes, devices and index ranges of the ghost_gram contract; ValueError/TypeError naming the argument."""
+    if not isinstance(gamma, Tensor) or gamma.dtype not in _FLOATS:
+        raise TypeError("gamma must be a float32/bfloat16/float16/float64 tensor, got "
+                        f"{getattr(gamma, 'dtype', type(gamma))}")
+    if gamma.ndim != 2:
+        raise ValueError(f"gamma must have shape [S, d_out], got {tuple(gamma.shape)}")
+    n_tok = gamma.shape[0]
+    if a is not None and ids is not None:
+        raise ValueError("a and ids are exclusive: pass a (linear weight), ids (embedding) or neither (bias)")
+    if a is not None:
+        if not isinstance(a, Tensor) or a.ndim != 2:
+            raise ValueError(f"a must have shape [S, d_in], got {getattr(a, 'shape', type(a))}")
+        if a.shape[0] != n_tok:
+            raise ValueError(f"a has {a.shape[0]} rows but gamma has S = {n_tok}: they must share the packing")
+        if a.dtype != gamma.dtype:
+            raise TypeError(f"a dtype {a.dtype} differs from gamma dtype {gamma.dtype}")
+    if ids is not None:
+        if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.ndim != 1:
+            raise ValueError(f"ids must be an int64 tensor [S], got {getattr(ids, 'dtype', type(ids))} "
+                             f"{tuple(getattr(ids, 'shape', ()))}")
+        if ids.shape[0] != n_tok:
+            raise ValueError(f"ids has {ids.shape[0]} entries but gamma has S = {n_tok}: they must share the packing")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.ndim != 1 \
+            or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be an int64 tensor [n_seg + 1], got {getattr(cu_seqlens, 'dtype', None)} "
+                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if not isinstance(seg_pairs, Tensor) or seg_pairs.dtype != torch.int64 or seg_pairs.ndim != 2 \
+            or seg_pairs.shape[1] != 2:
+        raise ValueError(f"seg_pairs must be an int64 tensor [P, 2], got {getattr(seg_pairs, 'dtype', None)} "
+                         f"{tuple(getattr(seg_pairs, 'shape', ()))}")
+    for name, t in (("a", a), ("ids", ids), ("cu_seqlens", cu_seqlens), ("seg_pairs", seg_pairs)):
+        if t is not None and t.device != gamma.device:
+            raise ValueError(f"{name} is on {t.device} but gamma is on {gamma.device}")
+    # One host sync for all the index checks (the kernels trust them and the launcher needs the lengths anyway).
+    cu = cu_seqlens.cpu()
+    if int(cu[0]) != 0 or int(cu[-1]) != n_tok:
+        raise ValueError(f"cu_seqlens must start at 0 and end at S = {n_tok}, got {int(cu[0])} ... {int(cu[-1])}")
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()):
+        k = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(f"cu_seqlens must be non-decreasing; cu_seqlens[{k + 1}] = {int(cu[k + 1])} < "
+                         f"cu_seqlens[{k}] = {int(cu[k])}")
+    n_seg = cu.shape[0] - 1
+    sp = seg_pairs.cpu()
+    bad = (sp < 0) | (sp >= n_seg)
+    if bool(bad.any()):
+        p, c = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(f"seg_pairs must index segments in [0, n_seg={n_seg}); seg_pairs[{p}, {c}] = {int(sp[p, c])}")
+
+
+def _pair_bounds(cu_seqlens: Tensor, seg_pairs: Tensor):
+    """Host lists ``[(start_i, end_i, start_j, end_j)]`` per pair and (Tmax_i, Tmax_j)."""
+    cu = cu_seqlens.tolist()
+    bounds = [(cu[i], cu[i + 1], cu[j], cu[j + 1]) for i, j in seg_pairs.tolist()]
+    tmax_i = max((e - s for s, e, _, _ in bounds), default=0)
+    tmax_j = max((e - s for _, _, s, e in bounds), default=0)
+    return bounds, tmax_i, tmax_j
+
+
+def torch_ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool = False):
+    """PyTorch path of the ``ghost_gram_fwd`` contract (see ``kernels/ghost_gram.py``).
+
+    Walks each pair's (tau, sigma) plane in [TORCH_TILE, TORCH_TILE] blocks in fp32 (fp64 for fp64 inputs), so memory
+    stays bounded whatever the segment lengths; no [S, S] Gram of the whole batch is formed.
+    Returns ``(values [P], position_matrix [P, Tmax_i, Tmax_j] or None)``.
+    """
+    cdt = _compute_dtype(gamma.dtype)
+    bounds, tmax_i, tmax_j = _pair_bounds(cu_seqlens, seg_pairs)
+    values = torch.zeros(len(bounds), dtype=cdt, device=gamma.device)
+    pos = torch.zeros(len(bounds), tmax_i, tmax_j, dtype=cdt, device=gamma.device) if positions else None
+    for p, (si, ei, sj, ej) in enumerate(bounds):
+        for t0 in range(si, ei, TORCH_TILE):
+            t1 = min(t0 + TORCH_TILE, ei)
+            for s0 in range(sj, ej, TORCH_TILE):
+                s1 = min(s0 + TORCH_TILE, ej)
+                prod = gamma[t0:t1].to(cdt) @ gamma[s0:s1].to(cdt).T
+                if a is not None:
+                    prod *= a[t0:t1].to(cdt) @ a[s0:s1].to(cdt).T
+                elif ids is not None:
+                    prod *= ids[t0:t1, None] == ids[None, s0:s1]
+                values[p] += prod.sum()
+                if pos is not None:
+                    pos[p, t0 - si : t1 - si, s0 - sj : s1 - sj] = prod
+    return values, pos
+
+
+def ghost_gram(
+    a: Tensor | None,
+    gamma: Tensor,
+    cu_seqlens: Tensor,
+    seg_pairs: Tensor,
+    *,
+    ids: Tensor | None = None,
+    positions: bool = False,
+    impl: str = "auto",
+) -> GhostGramResult:
+    """Inner products ``<grad s_i, grad s_j>`` of one layer's per-segment gradients, for each pair (i, j).
+
+    Args:
+        a: ``[S, d_in]`` layer inputs of the packed segments, or None for a bias (the a-factor is 1).
+        gamma: ``[S, d_out]`` gradients of the segment scores w.r.t. the layer outputs, same packing.
+            fp32/bf16/fp16 (fp64 on the PyTorch path); a has gamma's dtype.
+        cu_seqlens: ``[n_seg + 1]`` int64 offsets of the segments along S, from 0 to S.
+        seg_pairs: ``[P, 2]`` int64 segment indices (i, j); i == j gives a squared norm.
+        ids: ``[S]`` int64 token ids of an embedding, instead of ``a`` (factor ``[ids_tau == ids_sigma]``).
+        positions: also return the per-(tau, sigma) terms (``[P, Tmax_i, Tmax_j]``, memory ``P Tmax^2``).
+        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"torch"``.
+
+    Returns:
+        :class:`GhostGramResult` with fp32 values (fp64 for fp64 inputs), accumulated in fp32 whatever the input
+        dtype. Peak extra memory is the optional positions output plus, on the PyTorch path, two
+        ``[TORCH_TILE, TORCH_TILE]`` tiles.
+
+    Raises:
+        ValueError / TypeError naming the argument: mismatched S, cu_seqlens not from 0 to S or decreasing,
+        seg_pairs out of range, both ``a`` and ``ids``, bad dtypes.
+    """
+    _validate(a, gamma, cu_seqlens, seg_pairs, ids)
+    backend = resolve_impl(impl, gamma.device, gamma.dtype)
+    args = (
+        a.contiguous() if a is not None else None,
+        gamma.contiguous(),
+        ids.contiguous() if ids is not None else None,
+        cu_seqlens.contiguous(),
+        seg_pairs.contiguous(),
+    )
+    if backend == "triton":
+        from entangle_fast.kernels.ghost_gram import ghost_gram_fwd
+
+        values, pos = ghost_gram_fwd(*args, positions=positions)
+    else:
+        values, pos = torch_ghost_gram_fwd(*args, positions=positions)
+    return GhostGramResult(values, pos)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def ghost_gram_reference(
+    a: Tensor | None,
+    gamma: Tensor,
+    cu_seqlens: Tensor,
+    seg_pairs: Tensor,
+    *,
+    ids: Tensor | None = None,
+    positions: bool = False,
+) -> GhostGramResult:
+    """The ghost Gram written plainly: materialised per-segment Grams, one pair at a time.
+
+    Computes in the dtype of its inputs, with no upcast: float64 inputs give the ground truth of the tests; low
+    precision inputs give plain PyTorch's own error in that dtype (the bar of the tolerance rule). Same arguments and
+    result as :func:`ghost_gram` (values cast to fp32 for low-precision inputs). Memory ``T_i T_j`` per pair.
+    """
+    _validate(a, gamma, cu_seqlens, seg_pairs, ids)
+    bounds, tmax_i, tmax_j = _pair_bounds(cu_seqlens, seg_pairs)
+    vals, terms = [], []
+    for si, ei, sj, ej in bounds:
+        g_gram = gamma[si:ei] @ gamma[sj:ej].T
+        if a is not None:
+            f = a[si:ei] @ a[sj:ej].T
+        elif ids is not None:
+            f = (ids[si:ei, None] == ids[None, sj:ej]).to(gamma.dtype)
+        else:
+            f = torch.ones_like(g_gram)
+        term = f * g_gram
+        vals.append(term.sum())
+        terms.append(term)
+    cdt = _compute_dtype(gamma.dtype)
+    values = torch.stack(vals).to(cdt) if vals else torch.zeros(0, dtype=cdt, device=gamma.device)
+    pos = None
+    if positions:
+        pos = torch.zeros(len(terms), tmax_i, tmax_j, dtype=cdt, device=gamma.device)
+        for p, term in enumerate(terms):
+            pos[p, : term.shape[0], : term.shape[1]] = term
+    return GhostGramResult(values, pos)

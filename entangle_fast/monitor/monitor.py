@@ -1,0 +1,568 @@
+"""EntanglementMonitor: exact per-pair gradient entanglement of a training step, from its one backward.
+
+Forward hooks keep each covered module's input; a tensor hook on its output receives the gradient there (gamma). At
+row r that gradient is a_r * d s_r / d(output), because chosen and rejected rows never meet inside the network
+(docs/math.md section 4), so per-row gradient inner products of every layer follow from (input, gamma) alone:
+ghost sums or explicit per-row gradients for linear maps (whichever is cheaper), id-matched sums for embeddings,
+per-position vjps for norms, the fused op's own statistics for the output head, and the cross terms of a parameter
+two modules share. Single-module reductions run inside the backward, as each gamma arrives, and release the module's
+tensors; units that share a parameter (tied embeddings) are reduced once the backward is over.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from entangle_fast.monitor import reductions as R
+from entangle_fast.monitor.coverage import build_coverage
+from entangle_fast.monitor.stats import EntanglementStats, classify
+from entangle_fast.token_stats import BackwardRecord, register_stats_listener
+
+# "auto" picks ghost or explicit per linear layer by cost; tests force one path to exercise both.
+LINEAR_PATH = "auto"
+
+
+def _in_backward() -> bool:
+    """True while an autograd backward runs (activation checkpointing re-runs forwards then)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Use:
+    """One module call's captured tensors: ``x`` its input (ids for an embedding), ``gamma`` its output gradient."""
+
+    __slots__ = ("x", "gamma")
+
+    def __init__(self, x: Tensor):
+        self.x, self.gamma = x, None
+
+
+class EntanglementMonitor:
+    """Measure, from one ordinary backward, the gradient entanglement of every preference pair in a batch.
+
+    Usage::
+
+        with EntanglementMonitor(model) as mon:
+            out = entangle_fast.preference_logprobs(model, batch)     # or: logits -> log-probs, then mon.watch(...)
+            loss = dpo_loss(out.chosen_logps, out.rejected_logps, ...).mean()
+            loss.backward()
+        stats = mon.stats                                             # EntanglementStats
+
+    The rows of the model's forward are TRL's concatenated layout: rows 0..B-1 chosen, rows B..2B-1 rejected, one
+    forward of ``[2B, T]`` per step (each covered module called once). The loss must reach the model only through the
+    per-sequence log-probs (any function of them: DPO, IPO, hinge, ...).
+
+    Each covered module's input is kept from its forward until its output gradient arrives (the size of the
+    activations autograd keeps anyway); activation checkpointing, reentrant or not, is supported. Linear layers take
+    the ghost form or the explicit per-row gradient, whichever costs less for the batch's kept token counts
+    (:func:`entangle_fast.monitor.reductions.choose_linear_path`); position attribution needs the ghost form.
+
+    Args:
+        model: the policy (a Hugging Face causal LM, PEFT-wrapped or not, or any module of covered kinds).
+        params: ``None`` (every parameter with requires_grad), ``"lm_head"`` (the output embedding's parameters; with
+            tied embeddings that is the shared matrix, input use included) or an iterable of parameters.
+        mode: ``"exact"``, or ``"sketch"``: linear weights estimated by seeded Kronecker sketches of size
+            ``sketch_dim`` (docs/math.md section 5); every other parameter kind stays exact.
+        seed: sketch seed (per layer: ``layer_seed(seed, module name)``).
+        exclude: parameters, modules or their names to leave out of the statistics (the explicit opt-out for
+            parameters the monitor cannot cover exactly).
+        position_attribution: also return ``stats.position_attribution`` ``[B, T, T]`` (exact mode only).
+
+    Raises:
+        UncoveredParametersError: at construction, listing tracked parameters of module kinds the monitor cannot
+            reduce exactly. Problems found during the step (a module called twice, rows broadcast across the batch, a
+            parameter that received a gradient through a use no hook saw) are raised by :attr:`stats`, so a training
+            step never fails inside its backward because of the monitor.
+    """
+
+    def __init__(self, model: nn.Module, params=None, mode: str = "exact", sketch_dim: int = 64, seed: int = 0,
+                 exclude=(), position_attribution: bool = False):
+        if mode not in ("exact", "sketch"):
+            raise ValueError(f"mode must be 'exact' or 'sketch', got {mode!r}")
+        if mode == "sketch" and position_attribution:
+            raise ValueError("position_attribution needs mode='exact' (sketched layers have no per-position terms)")
+        if not isinstance(sketch_dim, int) or sketch_dim < 1:
+            raise ValueError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
+        self.model, self.mode, self.sketch_dim, self.seed = model, mode, sketch_dim, int(seed)
+        self.position_attribution = bool(position_attribution)
+        self.coverage = build_coverage(model, params, exclude)
+        head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+        self._head_weight = getattr(head, "weight", None)
+        self._sketches: dict[int, object] = {}
+        self._handles: list = []
+        self._active = False
+        self._reset()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Context manager and hooks
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "EntanglementMonitor":
+        if self._active:
+            raise RuntimeError("this EntanglementMonitor is already active")
+        self._reset()
+        try:
+            for idx, entry in enumerate(self.coverage.entries):
+                self._handles.append(entry.module.register_forward_hook(partial(self._on_forward, idx),
+                                                                        with_kwargs=True))
+            for p in self.coverage.params:
+                self._handles.append(p.register_hook(partial(self._on_param_grad, id(p))))
+            roots = {id(self.model): self.model}
+            base = getattr(self.model, "base_model", None)
+            if isinstance(base, nn.Module):
+                roots[id(base)] = base
+            for root in roots.values():
+                self._handles.append(root.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
+            self._handles.append(register_stats_listener(self._on_record))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._remove_hooks()
+        self._active = False
+        if exc_type is not None:
+            self._reset()
+            return False
+        try:
+            self._finalize()
+        except Exception as err:  # surfaced by .stats, not by the with-statement
+            self._final_error = err
+        self._uses.clear()
+        self._record = None
+        return False
+
+    def _remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _reset(self) -> None:
+        self._uses: dict[int, _Use] = {}
+        self._calls: Counter = Counter()
+        self._record: BackwardRecord | None = None
+        self._results: dict[str, R.Terms] = {}
+        self._done_units: set[int] = set()
+        self._used: set[int] = set()
+        self._captured: set[int] = set()
+        self._width = 0
+        self._grad_seen: set[int] = set()
+        self._errors: list[tuple[str, BaseException | None]] = []
+        self._watch: dict | None = None
+        self._rows: int | None = None
+        self._rows_hint = 0
+        self._replaying = False
+        self._attr = {False: None, True: None}  # loss units, log-prob units
+        self._stats: EntanglementStats | None = None
+        self._final_error: BaseException | None = None
+        self._backward_seen = False
+
+    def _fail(self, message: str, err: BaseException | None = None) -> None:
+        self._errors.append((message, err))
+
+    def _on_root_forward(self, module, args, kwargs):
+        x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if isinstance(x, Tensor) and x.ndim >= 2:
+            self._rows_hint = max(self._rows_hint, x.shape[0])
+
+    def _on_forward(self, idx, module, args, kwargs, output):
+        if self._replaying or not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        if _in_backward() and idx in self._captured:
+            # Activation checkpointing recomputing a forward the first pass already captured (non-reentrant). The
+            # reentrant kind ran its first pass without grad, so its recomputation is the capture.
+            return None
+        entry = self.coverage.entries[idx]
+        self._captured.add(idx)
+        self._calls[idx] += 1
+        if self._calls[idx] > 1:
+            self._fail(f"module {entry.name!r} was called {self._calls[idx]} times in one step; the monitor expects "
+                       "one [2B, T] forward per step (chosen rows, then rejected rows)")
+            return None
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or (entry.kind == "positionwise" and (len(args) != 1 or kwargs)):
+            self._fail(f"module {entry.name!r} must be called with its input as the one positional tensor argument")
+            return None
+        replaced = None
+        if entry.kind == "embedding" and x.ndim == 2 and x.shape[0] == 1 and self._rows_hint > 1:
+            # Position ids of shape [1, T] (GPT-2 without position_ids): the [1, T, d] output is broadcast over the
+            # rows later, where its per-row gradients are summed away. Expanding it here gives the same values and
+            # the same summed gradient, and lets the output hook see every row.
+            x = x.expand(self._rows_hint, -1)
+            output = replaced = output.expand(self._rows_hint, *output.shape[1:])
+        if output.ndim >= 2:
+            self._rows_hint = max(self._rows_hint, output.shape[0])
+            self._width = max(self._width, output.shape[1])
+        self._uses[idx] = _Use(x.detach())
+        self._used.update(id(getattr(module, a)) for a in entry.tracked)
+        output.register_hook(partial(self._on_output_grad, idx))
+        return replaced
+
+    def _on_output_grad(self, idx, grad):
+        use = self._uses.get(idx)
+        if use is None:
+            return None
+        use.gamma = grad.detach()
+        self._backward_seen = True
+        unit = self.coverage.unit_of[idx]
+        if len(self.coverage.units[unit]) == 1:
+            self._reduce_unit_safely(unit)
+        return None
+
+    def _on_param_grad(self, pid, grad):
+        self._grad_seen.add(pid)
+        return None
+
+    def _on_record(self, record: BackwardRecord) -> None:
+        w = self._head_weight
+        if w is None or record.weight.data_ptr() != w.data_ptr() or record.weight.shape != w.shape:
+            return
+        if self._record is not None:
+            self._fail("the fused log-prob op ran twice on the model's head in one step; the monitor expects one "
+                       "[2B, T] forward per step")
+            return
+        self._record = record
+        self._backward_seen = True
+        self._width = max(self._width, record.rows_shape[1])
+        head = self.coverage.head
+        if head is not None:
+            self._used.update(id(getattr(self.coverage.entries[head].module, a))
+                              for a in self.coverage.entries[head].tracked)
+            unit = self.coverage.unit_of[head]
+            if len(self.coverage.units[unit]) == 1:
+                self._reduce_unit_safely(unit)
+
+    def watch(self, chosen_logps: Tensor, rejected_logps: Tensor, pairs=None) -> None:
+        """Hook the per-sequence log-probs the loss is built from, so their upstream gradients give a_w, a_l.
+
+        Needed when the log-probs do not come from the fused op (e.g. ``model(...).logits`` + ``log_softmax`` +
+        gather + sum); call it after the forward and before ``backward()``. With the fused op
+        (:func:`entangle_fast.preference_logprobs`) the op records the coefficients itself and they win.
+
+        The statistics are then those of the watched tensors' gradients (watch per-token means and they are of the
+        means).
+
+        Args:
+            chosen_logps, rejected_logps: ``[B]`` sequence log-probs (their gradients must flow).
+            pairs: ``[B, 2]`` (chosen row, rejected row) of the model's forward; default row i with row B + i.
+        """
+        if not self._active:
+            raise RuntimeError("watch() is for inside the with-block, before backward()")
+        for name, t in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
+            if not isinstance(t, Tensor) or t.ndim != 1 or not t.requires_grad:
+                raise ValueError(f"{name} must be a [B] tensor that requires grad, got "
+                                 f"{getattr(t, 'shape', type(t))}")
+        if chosen_logps.shape != rejected_logps.shape:
+            raise ValueError(f"chosen_logps {tuple(chosen_logps.shape)} and rejected_logps "
+                             f"{tuple(rejected_logps.shape)} differ in shape")
+        b = chosen_logps.shape[0]
+        if pairs is None:
+            pairs = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], 1)
+        pairs = torch.as_tensor(pairs, dtype=torch.int64).cpu()
+        if pairs.shape != (b, 2):
+            raise ValueError(f"pairs must have shape [B, 2] = [{b}, 2], got {tuple(pairs.shape)}")
+        self._watch = {"pairs": pairs, "chosen": torch.zeros_like(chosen_logps.detach()),
+                       "rejected": torch.zeros_like(rejected_logps.detach()), "fired": 0}
+
+        def store(key, g):
+            self._watch[key] = g.detach().clone()
+            self._watch["fired"] += 1
+            self._backward_seen = True
+
+        chosen_logps.register_hook(partial(store, "chosen"))
+        rejected_logps.register_hook(partial(store, "rejected"))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Reduction
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _pairs(self, rows: int) -> Tensor:
+        """The (chosen row, rejected row) pairs, checked against the rows a module saw."""
+        if self._rows is None:
+            self._rows = rows
+        if rows != self._rows:
+            raise ValueError(
+                f"saw {rows} rows where other modules saw {self._rows}: its output is broadcast across the rows (or "
+                "rows came from separate forwards). Pass position_ids of shape [2B, T] and run one forward per step."
+            )
+        if self._watch is not None:
+            pairs = self._watch["pairs"]
+        else:
+            if rows % 2:
+                raise ValueError(f"the forward has {rows} rows; the default pairing needs 2B rows (chosen, then "
+                                 "rejected), or pass pairs to watch()")
+            b = rows // 2
+            pairs = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], 1)
+        if pairs.numel() and int(pairs.max()) >= rows:
+            raise ValueError(f"pairs index row {int(pairs.max())} but the forward has {rows} rows")
+        return pairs
+
+    def _cdt(self) -> torch.dtype:
+        return R.compute_dtype(self.coverage.params[0].dtype) if self.coverage.params else torch.float32
+
+    def _reduce_unit_safely(self, unit: int) -> None:
+        if unit in self._done_units:
+            return
+        self._done_units.add(unit)
+        members = self.coverage.units[unit]
+        try:
+            with torch.no_grad():
+                self._reduce_unit(members)
+        except Exception as err:
+            names = ", ".join(self.coverage.entries[i].name for i in members)
+            self._fail(f"module(s) {names}: {err}", err)
+        finally:
+            for i in members:
+                self._uses.pop(i, None)
+
+    def _reduce_unit(self, members: list[int]) -> None:
+        packed: dict[int, R.Tokens] = {}
+        for idx in members:
+            terms = self._own_terms(idx, packed)
+            if terms is not None:
+                self._store(self.coverage.entries[idx].name, terms)
+        if len(members) > 1:
+            self._reduce_shared(members, packed)
+
+    def _store(self, name: str, terms: R.Terms) -> None:
+        if terms.attribution:
+            self._add_attribution(terms.attribution, terms.logprob_units)
+            terms.attribution = None
+        old = self._results.get(name)
+        if old is not None:
+            terms = R.Terms(old.inner + terms.inner, old.chosen + terms.chosen, old.rejected + terms.rejected,
+                            logprob_units=terms.logprob_units, sketched=old.sketched or terms.sketched)
+        self._results[name] = terms
+
+    def _add_attribution(self, pieces, logprob_units: bool) -> None:
+        """Add ``(pair, positions_w, positions_l, matrix)`` pieces to a ``[B, T, T]`` buffer grown on demand."""
+        pieces = [piece for piece in pieces if piece[3].numel()]
+        if not pieces:
+            return
+        size = 1 + max(int(max(pw.max(), pl.max())) for _, pw, pl, _ in pieces)
+        n_pairs = 1 + max(i for i, *_ in pieces)
+        buf = self._attr[logprob_units]
+        if buf is None or buf.shape[1] < size or buf.shape[0] < n_pairs:
+            size = max(size, buf.shape[1] if buf is not None else 0)
+            n_pairs = max(n_pairs, buf.shape[0] if buf is not None else 0)
+            grown = torch.zeros(n_pairs, size, size, dtype=self._cdt(), device=pieces[0][3].device)
+            if buf is not None:
+                grown[: buf.shape[0], : buf.shape[1], : buf.shape[2]] = buf
+            buf = self._attr[logprob_units] = grown
+        for i, pw, pl, m in pieces:
+            buf[i].index_put_((pw[:, None], pl[None, :]), m.to(buf.dtype), accumulate=True)
+
+    def _pack(self, idx: int, packed: dict) -> R.Tokens | None:
+        """Pack the captured use of entry ``idx`` (None when its module ran without a gradient coming back)."""
+        if idx in packed:
+            return packed[idx]
+        use, entry = self._uses.get(idx), self.coverage.entries[idx]
+        if use is None or use.gamma is None:
+            return None
+        x, gamma = use.x, use.gamma
+        want = x.shape if entry.kind == "embedding" else x.shape[:-1]
+        if gamma.ndim != 3 or tuple(want) != tuple(gamma.shape[:-1]):
+            raise ValueError(f"input {tuple(x.shape)} and output gradient {tuple(gamma.shape)}: the monitor needs "
+                             "[rows, positions, features] inputs (ids [rows, positions] for an embedding)")
+        if entry.kind == "embedding":
+            pad = entry.module.padding_idx
+            keep = (x != pad) if pad is not None else None  # F.embedding gives padding_idx no gradient
+            tok = R.pack(gamma, ids=x.to(torch.int64), keep=keep, dtype=self._cdt())
+        elif entry.kind == "positionwise":
+            tok = R.pack(gamma, a=x)  # the module's own dtypes: the vjp repeats its arithmetic
+        else:
+            tok = R.pack(gamma, a=x, dtype=self._cdt())
+        packed[idx] = tok
+        return tok
+
+    def _own_terms(self, idx: int, packed: dict) -> R.Terms | None:
+        entry = self.coverage.entries[idx]
+        positions = self.position_attribution
+        if idx == self.coverage.head and idx not in self._uses and self._record is not None:
+            rec = self._record
+            covered = {"weight"} | ({"bias"} if rec.bias is not None else set())
+            if set(entry.tracked) != covered:
+                raise ValueError(f"the fused op's statistics cover {sorted(covered)} of the head together; tracked "
+                                 f"{sorted(entry.tracked)}")
+            return R.fused_head_terms(rec.stats, self._pairs(rec.rows_shape[0]), positions=positions)
+        tok = self._pack(idx, packed)
+        if tok is None:
+            return None
+        pairs = self._pairs(tok.rows)
+        weight, bias = "weight" in entry.tracked, "bias" in entry.tracked
+        if entry.kind in ("linear", "conv1d"):
+            if self.mode == "sketch" and weight:
+                return R.sketch_linear_terms(tok, pairs, self._sketch(idx, tok), weight=weight, bias=bias)
+            path = "ghost" if positions else LINEAR_PATH
+            if path == "auto":
+                path = R.choose_linear_path(tok, pairs, tok.a.shape[1], tok.gamma.shape[1])
+            if path == "ghost":
+                return R.ghost_terms(tok, pairs, weight=weight, bias=bias, positions=positions)
+            return R.explicit_linear_terms(tok, pairs, weight=weight, bias=bias)
+        if entry.kind == "embedding":
+            if positions:
+                return R.ghost_terms(tok, pairs, weight=True, bias=False, positions=True)
+            return R.embedding_sparse_terms(tok, pairs)
+        self._replaying = True
+        try:
+            grads = R.positionwise_token_grads(entry.module, entry.tracked, tok.a, tok.gamma)
+        finally:
+            self._replaying = False
+        return R.token_grad_terms(tok, grads.to(self._cdt()), pairs, positions=positions)
+
+    def _sketch(self, idx: int, tok: R.Tokens):
+        if idx not in self._sketches:
+            from entangle_fast.sketch import KroneckerSketch, layer_seed
+
+            name = self.coverage.entries[idx].name
+            self._sketches[idx] = KroneckerSketch(tok.a.shape[1], tok.gamma.shape[1], self.sketch_dim,
+                                                  seed=layer_seed(self.seed, name), device=tok.gamma.device,
+                                                  dtype=tok.gamma.dtype)
+        return self._sketches[idx]
+
+    def _factors(self, idx: int, attr: str, packed: dict) -> R.Factors | None:
+        """The factors of entry ``idx``'s use of its shared parameter ``attr`` (None when it was not used)."""
+        entry = self.coverage.entries[idx]
+        if idx == self.coverage.head and idx not in self._uses and self._record is not None:
+            rec = self._record
+            rows, width = rec.rows_shape
+            cdt = self._cdt()
+            valid = (rec.labels != rec.ignore_index).reshape(rows, width)
+            g = (rec.grad_logprobs.to(cdt) * valid.reshape(-1)).reshape(rows, width, 1)
+            tok = R.pack(g, a=rec.hidden.reshape(rows, width, -1), ids=rec.labels.reshape(rows, width),
+                         extras=(rec.lse.reshape(rows, width),), dtype=cdt)
+            head = (tok.a, tok.ids, tok.extras[0], tok.gamma[:, 0], rec.weight, rec.bias)
+            return R.Factors(tok, "delta", v=tok.a if attr == "weight" else None, head=head)
+        tok = self._pack(idx, packed)
+        if tok is None:
+            return None
+        if entry.kind == "embedding":
+            return R.Factors(tok, "ids", v=tok.gamma)
+        if attr == "bias":
+            return R.Factors(tok, "dense", u=tok.gamma)
+        if entry.kind == "linear":
+            return R.Factors(tok, "dense", u=tok.gamma, v=tok.a)
+        return R.Factors(tok, "dense", u=tok.a, v=tok.gamma)  # Conv1D: weight [d_in, d_out]
+
+    def _reduce_shared(self, members: list[int], packed: dict) -> None:
+        member_set = set(members)
+        for pid, users in self.coverage.shared.items():
+            if users[0][0] not in member_set:
+                continue
+            factors = [(self.coverage.entries[i].name, self._factors(i, a, packed)) for i, a in users]
+            factors = [(n, f) for n, f in factors if f is not None]
+            for k, (name_x, fx) in enumerate(factors):
+                for name_y, fy in factors[k + 1 :]:
+                    pairs = self._pairs(fx.tok.rows)
+                    self._pairs(fy.tok.rows)
+                    terms = R.cross_terms(fx, fy, pairs, positions=self.position_attribution)
+                    self._store(f"{name_x} x {name_y}", terms)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Result
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _coefficients(self, pairs: Tensor):
+        """``(a_w, a_l, uniform)`` ``[B]``: from the fused op's record when there is one, else from watch()."""
+        cdt, dev = self._cdt(), self.coverage.params[0].device if self.coverage.params else None
+        if self._record is not None:
+            st = self._record.stats
+            if not torch.equal(st.pairs.cpu(), pairs.cpu()):
+                raise ValueError("the fused op's pairs differ from the monitor's; use the default row layout")
+            return st.a_w.to(cdt), st.a_l.to(cdt), st.uniform_upstream
+        if self._watch is None:
+            raise RuntimeError(
+                "no log-prob coefficients: the fused log-prob op did not run on the model's head, so call "
+                "mon.watch(chosen_logps, rejected_logps) on the [B] sequence log-probs before backward()"
+            )
+        if not self._watch["fired"]:
+            raise RuntimeError("the log-probs given to watch() received no gradient: pass the very tensors the loss "
+                               "is computed from (slicing again makes new tensors)")
+        return self._watch["chosen"].to(device=dev, dtype=cdt), self._watch["rejected"].to(device=dev, dtype=cdt), None
+
+    @torch.no_grad()
+    def _finalize(self) -> None:
+        if not self._backward_seen:
+            raise RuntimeError("EntanglementMonitor: no backward reached the monitored model inside the with-block "
+                               "(run forward, loss and backward inside it)")
+        for unit in range(len(self.coverage.units)):
+            self._reduce_unit_safely(unit)
+        if self._errors:
+            message, err = self._errors[0]
+            more = "".join(f"\n  also: {m}" for m, _ in self._errors[1:])
+            raise RuntimeError(f"EntanglementMonitor: {message}{more}") from err
+        unseen = [self.coverage.names[pid] for pid in self._grad_seen - self._used]
+        if unseen:
+            raise RuntimeError(
+                "EntanglementMonitor: these parameters received a gradient through a use no hook saw (a bare "
+                f"parameter in a forward, or a module's weight used outside its forward): {sorted(unseen)}; exclude "
+                "them or compute with the module itself"
+            )
+        if self._rows is None and self._watch is None and self._record is None:
+            raise RuntimeError("EntanglementMonitor: nothing was captured: run the forward and backward inside the "
+                               "with-block")
+        pairs = self._watch["pairs"] if self._watch is not None else self._pairs(self._rows or 0)
+        b = pairs.shape[0]
+        a_w, a_l, uniform = self._coefficients(pairs)
+        if uniform is not None and not bool(uniform.all()):
+            warnings.warn("the loss weights the response tokens of a row unequally: the monitor's statistics are "
+                          "those of the token-weighted log-prob sums (the fused head's of the plain sums)",
+                          stacklevel=3)
+        den = {"inner": a_w * a_l, "chosen": a_w * a_w, "rejected": a_l * a_l}
+        nan = torch.tensor(float("nan"), dtype=a_w.dtype, device=a_w.device)
+
+        def to_logprob(x, key, logprob_units):
+            if logprob_units:
+                return torch.where(den[key] != 0, x.to(a_w.dtype), nan)
+            return torch.where(den[key] != 0, x.to(a_w.dtype) / den[key], nan)
+
+        per_module = {}
+        for name, t in self._results.items():
+            per_module[name] = tuple(to_logprob(getattr(t, k), k, t.logprob_units)
+                                     for k in ("inner", "chosen", "rejected"))
+        zero = torch.zeros(b, dtype=a_w.dtype, device=a_w.device)
+        totals = [sum((v[k] for v in per_module.values()), zero) for k in range(3)]
+        inner, nw, nl = (torch.where(den[k] != 0, t, nan) for k, t in zip(("inner", "chosen", "rejected"), totals))
+        case, falls, rises = classify(inner, nw, nl, a_w, a_l)
+        attribution = None
+        if self.position_attribution:
+            bufs = [(self._attr[False], False), (self._attr[True], True)]
+            size = max([buf.shape[1] for buf, _ in bufs if buf is not None] + [self._width])
+            attribution = torch.zeros(b, size, size, dtype=a_w.dtype, device=a_w.device)
+            for buf, lp in bufs:
+                if buf is not None:
+                    n = buf.shape[0]
+                    attribution[:n, : buf.shape[1], : buf.shape[2]] += buf if lp else buf / den["inner"][:n, None, None]
+            attribution[den["inner"] == 0] = float("nan")
+        self._stats = EntanglementStats(
+            inner=inner,
+            chosen_sq_norm=nw,
+            rejected_sq_norm=nl,
+            cosine=inner / torch.sqrt(nw * nl),
+            a_w=a_w,
+            a_l=a_l,
+            case=case,
+            chosen_falls=falls,
+            rejected_rises=rises,
+            zero_coefficient=(a_w == 0) | (a_l == 0),
+            per_module=per_module,
+            pairs=pairs,
+            position_attribution=attribution,
+            uniform_upstream=uniform,
+            sketched=tuple(n for n, t in self._results.items() if t.sketched),
+        )
+
+    @property
+    def stats(self) -> EntanglementStats:
+        """The statistics of the step run inside the with-block (computed at exit, or here when read inside it)."""
+        if self._final_error is not None:
+            raise self._final_error
+        if self._stats is None:
+            if not self._active:
+                raise RuntimeError("no statistics: run one step (forward, loss, backward) inside the with-block")
+            self._finalize()
+        return self._stats

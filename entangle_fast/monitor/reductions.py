@@ -1,0 +1,314 @@
+"""Per-module reductions of one backward to per-pair gradient inner products (docs/math.md section 4).
+
+Every function here returns :class:`Terms` in *loss units*: the backward carries a_r * d s_r / d(.) at row r, so the
+values are a_w a_l I, a_w^2 N_w, a_l^2 N_l; the monitor divides by the coefficients at the end. The exception is the
+fused output head, whose statistics arrive in log-prob units (``Terms.logprob_units``).
+
+Tokens are packed row by row, keeping only those whose output gradient is not exactly zero (padding, the last
+position): they add nothing to any gradient, and dropping them shortens the ghost sums.
+
+Cost per pair of a linear map with T_w, T_l kept tokens (docs/math.md section 4):
+    ghost     ~ (T_w T_l + T_w^2 + T_l^2)(d_in + d_out)      no [d_out, d_in] buffer
+    explicit  ~ (T_w + T_l) d_in d_out + 3 d_in d_out         one [d_out, d_in] gradient per row at a time
+:func:`choose_linear_path` picks the cheaper; position attribution needs the ghost form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from entangle_fast.ghost import ghost_gram
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Terms:
+    """Per-pair contributions of one module (or one cross term): ``inner``, ``chosen``, ``rejected`` ``[B]``;
+    ``attribution``: ``(pair, positions of the chosen row [t_w], positions of the rejected row [t_l], matrix
+    [t_w, t_l])`` pieces, summing to ``inner``; ``logprob_units``: already divided by the coefficients."""
+
+    inner: Tensor
+    chosen: Tensor
+    rejected: Tensor
+    attribution: list[tuple[int, Tensor, Tensor, Tensor]] | None = None
+    logprob_units: bool = False
+    sketched: bool = False
+
+
+@dataclass
+class Tokens:
+    """The kept tokens of one module use, packed by row. ``cu`` ``[R + 1]`` int64 offsets, ``positions`` ``[S]`` the
+    position of each token in its row; ``gamma`` ``[S, d_out]``; ``a`` ``[S, d_in]`` or ``ids`` ``[S]`` as the use
+    has; ``extras`` other per-token tensors packed alike."""
+
+    cu: Tensor
+    positions: Tensor
+    gamma: Tensor
+    a: Tensor | None = None
+    ids: Tensor | None = None
+    extras: tuple = ()
+    bounds: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.bounds = self.cu.tolist()
+
+    @property
+    def rows(self) -> int:
+        return len(self.bounds) - 1
+
+    def seg(self, r: int) -> slice:
+        return slice(self.bounds[r], self.bounds[r + 1])
+
+    def length(self, r: int) -> int:
+        return self.bounds[r + 1] - self.bounds[r]
+
+
+def pack(gamma: Tensor, *, a: Tensor | None = None, ids: Tensor | None = None, keep: Tensor | None = None,
+         extras: tuple = (), dtype: torch.dtype | None = None) -> Tokens:
+    """Pack ``gamma [R, T, d_out]`` (and ``a [R, T, d_in]`` or ``ids [R, T]``, and any ``extras [R, T, ...]``) into
+    :class:`Tokens`, keeping the tokens whose gradient is not zero and, when given, ``keep [R, T]``. Floats are cast
+    to ``dtype`` when given."""
+    rows, width = gamma.shape[0], gamma.shape[1]
+    mask = gamma.ne(0).any(-1)
+    if keep is not None:
+        mask &= keep
+    flat = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    counts = mask.sum(1)
+    cu = torch.zeros(rows + 1, dtype=torch.int64, device=gamma.device)
+    cu[1:] = torch.cumsum(counts, 0)
+
+    def take(t):
+        if t is None:
+            return None
+        t = t.reshape(rows * width, *t.shape[2:]).index_select(0, flat)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return Tokens(cu, flat % width, take(gamma), take(a), take(ids), tuple(take(e) for e in extras))
+
+
+def all_seg_pairs(pairs: Tensor) -> Tensor:
+    """``[3B, 2]``: the B (chosen, rejected) pairs, then (chosen, chosen), then (rejected, rejected)."""
+    return torch.cat([pairs, pairs[:, [0, 0]], pairs[:, [1, 1]]])
+
+
+def _split3(values: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    return values[:b], values[b : 2 * b], values[2 * b :]
+
+
+def choose_linear_path(tok: Tokens, pairs: Tensor, d_in: int, d_out: int) -> str:
+    """``"ghost"`` or ``"explicit"``, whichever costs fewer multiply-adds for this module's pairs."""
+    ghost = explicit = 0
+    for w, l in pairs.tolist():
+        tw, tl = tok.length(w), tok.length(l)
+        ghost += (tw * tl + tw * tw + tl * tl) * (d_in + d_out)
+        explicit += (tw + tl + 3) * d_in * d_out
+    return "ghost" if ghost <= explicit else "explicit"
+
+
+def ghost_terms(tok: Tokens, pairs: Tensor, *, weight: bool, bias: bool, positions: bool) -> Terms:
+    """Ghost sums of a linear map (``tok.a``) or an embedding (``tok.ids``), plus its bias when ``bias``."""
+    b = pairs.shape[0]
+    factors = ([(tok.a, tok.ids)] if weight else []) + ([(None, None)] if bias else [])
+    cross = pairs.to(tok.cu.device)
+    norms = torch.cat([pairs[:, [0, 0]], pairs[:, [1, 1]]]).to(tok.cu.device)
+    inner = torch.zeros(b, dtype=compute_dtype(tok.gamma.dtype), device=tok.gamma.device)
+    norm_vals = inner.new_zeros(2 * b)
+    matrix = None
+    for a, ids in factors:
+        res = ghost_gram(a, tok.gamma, tok.cu, cross, ids=ids, positions=positions)
+        inner = inner + res.values
+        if positions:
+            matrix = res.position_matrix if matrix is None else matrix + res.position_matrix
+        norm_vals = norm_vals + ghost_gram(a, tok.gamma, tok.cu, norms, ids=ids).values
+    attribution = None
+    if positions and matrix is not None:
+        attribution = [(i, tok.positions[tok.seg(w)], tok.positions[tok.seg(l)],
+                        matrix[i, : tok.length(w), : tok.length(l)]) for i, (w, l) in enumerate(pairs.tolist())]
+    return Terms(inner, norm_vals[:b], norm_vals[b:], attribution)
+
+
+def _pairwise_from_rows(row_grad, pairs: Tensor, dtype, device) -> Terms:
+    """Inner products of explicit per-row gradient vectors ``row_grad(r)`` for every pair, one pair at a time."""
+    b = pairs.shape[0]
+    out = torch.zeros(3, b, dtype=dtype, device=device)
+    for i, (w, l) in enumerate(pairs.tolist()):
+        gw, gl = row_grad(w), row_grad(l)
+        out[0, i], out[1, i], out[2, i] = gw @ gl, gw @ gw, gl @ gl
+    return Terms(out[0], out[1], out[2])
+
+
+def explicit_linear_terms(tok: Tokens, pairs: Tensor, *, weight: bool, bias: bool) -> Terms:
+    """Per-row gradients sum_tau gamma_tau a_tau^T (and sum_tau gamma_tau) formed explicitly, one row at a time.
+    The same numbers serve Conv1D (its gradient is the transpose)."""
+    def row_grad(r):
+        s = tok.seg(r)
+        parts = []
+        if weight:
+            parts.append((tok.gamma[s].T @ tok.a[s]).reshape(-1))
+        if bias:
+            parts.append(tok.gamma[s].sum(0))
+        return torch.cat(parts)
+
+    return _pairwise_from_rows(row_grad, pairs, tok.gamma.dtype, tok.gamma.device)
+
+
+def embedding_sparse_terms(tok: Tokens, pairs: Tensor) -> Terms:
+    """Embedding gradients as sparse rows: per row, the summed gamma of each distinct id; pairs meet on shared ids.
+    Costs O(T d) per row instead of the ghost's T_w T_l d."""
+    def row(r):
+        s = tok.seg(r)
+        ids, inv = torch.unique(tok.ids[s], return_inverse=True)
+        return ids, torch.zeros(len(ids), tok.gamma.shape[1], dtype=tok.gamma.dtype,
+                                device=tok.gamma.device).index_add_(0, inv, tok.gamma[s])
+
+    b = pairs.shape[0]
+    out = torch.zeros(3, b, dtype=tok.gamma.dtype, device=tok.gamma.device)
+    for i, (w, l) in enumerate(pairs.tolist()):
+        (iw, gw), (il, gl) = row(w), row(l)
+        # unique() sorts, so the ids both rows hold appear in the same order in both masks.
+        out[0, i] = (gw[torch.isin(iw, il)] * gl[torch.isin(il, iw)]).sum()
+        out[1, i], out[2, i] = (gw * gw).sum(), (gl * gl).sum()
+    return Terms(out[0], out[1], out[2])
+
+
+def sketch_linear_terms(tok: Tokens, pairs: Tensor, sketch, *, weight: bool, bias: bool) -> Terms:
+    """Sketch-mode estimate of the weight terms (``sketch`` a :class:`entangle_fast.sketch.KroneckerSketch`); the bias
+    terms, a d_out-vector per row, stay exact."""
+    from entangle_fast.sketch import sketch_inner
+
+    b = pairs.shape[0]
+    values = torch.zeros(3 * b, dtype=tok.gamma.dtype, device=tok.gamma.device)
+    if weight:
+        sketches = sketch.project(tok.a, tok.gamma, tok.cu)
+        values = values + sketch_inner(sketches, all_seg_pairs(pairs).to(tok.cu.device)).to(values.dtype)
+    if bias:
+        exact = explicit_linear_terms(tok, pairs, weight=False, bias=True)
+        values = values + torch.cat([exact.inner, exact.chosen, exact.rejected])
+    return Terms(*_split3(values, b), sketched=weight)
+
+
+def positionwise_token_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor,
+                             chunk_elements: int = 1 << 24) -> Tensor:
+    """``[S, n_params]`` gradient of each token's output . gamma w.r.t. the module's parameters ``attrs``, by a vjp of
+    the module on that token alone (exact for modules that act position by position). ``x [S, d_in]`` and
+    ``gamma [S, d_out]`` in the module's own dtypes, so the vjp repeats the module's arithmetic."""
+    from torch.func import functional_call, vjp, vmap
+
+    params = {a: module._parameters[a].detach() for a in attrs}
+    n_params = sum(p.numel() for p in params.values())
+
+    def per_token(xt, gt):
+        _, pull = vjp(lambda p: functional_call(module, p, (xt[None],)), params)
+        (grads,) = pull(gt[None])
+        return torch.cat([grads[a].reshape(-1) for a in attrs])
+
+    chunk = max(1, chunk_elements // max(n_params, 1))
+    if x.shape[0] == 0:
+        return x.new_zeros(0, n_params)
+    return vmap(per_token, chunk_size=chunk)(x, gamma)
+
+
+def token_grad_terms(tok: Tokens, grads: Tensor, pairs: Tensor, *, positions: bool) -> Terms:
+    """Pair terms from explicit per-token gradients ``grads [S, n]`` (the position-wise path)."""
+    def row_grad(r):
+        return grads[tok.seg(r)].sum(0)
+
+    terms = _pairwise_from_rows(row_grad, pairs, grads.dtype, grads.device)
+    if positions:
+        terms.attribution = [(i, tok.positions[tok.seg(w)], tok.positions[tok.seg(l)],
+                              grads[tok.seg(w)] @ grads[tok.seg(l)].T) for i, (w, l) in enumerate(pairs.tolist())]
+    return terms
+
+
+def fused_head_terms(stats, pairs: Tensor, *, positions: bool) -> Terms:
+    """The fused log-prob op's own output-layer statistics (log-prob units), for the monitor's pairs."""
+    if stats.pairs.shape != pairs.shape or not torch.equal(stats.pairs.cpu(), pairs.cpu()):
+        raise ValueError(
+            "the fused log-prob op paired rows (i, R/2 + i) but the monitor was given other pairs: use the default "
+            "layout (chosen rows first, then rejected rows) with the fused op"
+        )
+    attribution = None
+    if positions:
+        attribution = []
+        for i in range(pairs.shape[0]):
+            tw, tl = int(stats.chosen_lengths[i]), int(stats.rejected_lengths[i])
+            attribution.append((i, stats.chosen_positions[i, :tw], stats.rejected_positions[i, :tl],
+                                stats.token_matrix[i, :tw, :tl]))
+    return Terms(stats.inner, stats.chosen_sq_norm, stats.rejected_sq_norm, attribution, logprob_units=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cross terms of a parameter used by two modules (tied embeddings)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Factors:
+    """One use's gradient of one shared parameter: per row r, sum_{tau in r} u_tau v_tau^T over the parameter's
+    (dim 0, dim 1); ``v`` is None for a 1-D parameter.
+
+    ``u_kind``: ``"dense"`` (``u [S, n]``), ``"ids"`` (one-hot rows, ``ids [S]``) or ``"delta"``: the fused head's
+    g_t (e_{y_t} - p_t), never materialised: ``head = (h [S, d], y [S], lse [S], g [S], W [V, d], b [V] | None)``.
+    """
+
+    tok: Tokens
+    u_kind: str
+    u: Tensor | None = None
+    v: Tensor | None = None
+    head: tuple | None = None
+
+
+def _u_dot(x: Factors, i: int, y: Factors, j: int) -> Tensor:
+    """``[T_i, T_j]`` matrix of u-factor products between row i of use x and row j of use y."""
+    si, sj = x.tok.seg(i), y.tok.seg(j)
+    kinds = (x.u_kind, y.u_kind)
+    if kinds == ("dense", "dense"):
+        return x.u[si] @ y.u[sj].T
+    if kinds == ("dense", "ids"):
+        return x.u[si][:, y.tok.ids[sj]]
+    if kinds == ("ids", "ids"):
+        return (x.tok.ids[si][:, None] == y.tok.ids[sj][None, :]).to(x.tok.gamma.dtype)
+    if kinds == ("delta", "ids"):
+        # g_t delta_t[x] = g_t ([y_t == x] - exp(h_t . W[x] + b[x] - lse_t)): a [T_i, T_j] product over d.
+        h, lab, lse, g, weight, bias = x.head
+        ids = y.tok.ids[sj]
+        logits = h[si] @ weight[ids].to(h.dtype).T
+        if bias is not None:
+            logits = logits + bias[ids].to(h.dtype)
+        eq = (lab[si][:, None] == ids[None, :]).to(h.dtype)
+        return g[si][:, None] * (eq - torch.exp(logits - lse[si][:, None]))
+    if kinds[::-1] in (("dense", "ids"), ("delta", "ids")):
+        return _u_dot(y, j, x, i).T
+    raise NotImplementedError(
+        f"cross terms between a {x.u_kind} use and a {y.u_kind} use of one parameter are not implemented (the fused "
+        "output head and an nn.Linear sharing a weight would need vocabulary-wide products)"
+    )
+
+
+def _cross_matrix(x: Factors, i: int, y: Factors, j: int) -> Tensor:
+    m = _u_dot(x, i, y, j)
+    if x.v is not None:
+        m = m * (x.v[x.tok.seg(i)] @ y.v[y.tok.seg(j)].T)
+    return m
+
+
+def cross_terms(x: Factors, y: Factors, pairs: Tensor, *, positions: bool) -> Terms:
+    """Cross terms of two uses x, y of one parameter: <g^x_w, g^y_l> + <g^y_w, g^x_l>, 2 <g^x_w, g^y_w>,
+    2 <g^x_l, g^y_l> per pair."""
+    b = pairs.shape[0]
+    out = torch.zeros(3, b, dtype=x.tok.gamma.dtype, device=x.tok.gamma.device)
+    attribution = [] if positions else None
+    for k, (w, l) in enumerate(pairs.tolist()):
+        m1, m2 = _cross_matrix(x, w, y, l), _cross_matrix(y, w, x, l)
+        out[0, k] = m1.sum() + m2.sum()
+        out[1, k] = 2 * _cross_matrix(x, w, y, w).sum()
+        out[2, k] = 2 * _cross_matrix(x, l, y, l).sum()
+        if positions:
+            attribution.append((k, x.tok.positions[x.tok.seg(w)], y.tok.positions[y.tok.seg(l)], m1))
+            attribution.append((k, y.tok.positions[y.tok.seg(w)], x.tok.positions[x.tok.seg(l)], m2))
+    return Terms(out[0], out[1], out[2], attribution)

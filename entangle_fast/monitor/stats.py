@@ -1,0 +1,88 @@
+"""The monitor's result: per-pair entanglement statistics of the log-prob gradients (docs/math.md sections 1-2, 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EntanglementStats:
+    """Gradient-entanglement statistics of B preference pairs over the tracked parameters, from one backward.
+
+    All log-prob statistics are of g_w = grad s_w and g_l = grad s_l, the gradients of the summed response log-probs
+    (the loss-gradient pieces a_w g_w, a_l g_l that the backward carries, divided by the coefficients). When the loss
+    weights the tokens of a row unequally, they are those of the weighted sum (see ``uniform_upstream``).
+
+    Attributes:
+        inner: ``[B]`` I = <g_w, g_l>.
+        chosen_sq_norm / rejected_sq_norm: ``[B]`` N_w = ||g_w||^2, N_l = ||g_l||^2.
+        cosine: ``[B]`` I / sqrt(N_w N_l).
+        a_w / a_l: ``[B]`` dL/ds_w, dL/ds_l, the coefficients the backward carried (for a batch-mean loss they include
+            the 1/B).
+        case: ``[B]`` int64, the first-order outcome of an SGD step on the pair alone (paper's Table 1, general
+            weights): 1 ideal (chosen rises, rejected falls; I < min(N_w, N_l) for DPO), 2 both fall, 3 both rise,
+            0 undefined (a zero coefficient or a non-finite statistic).
+        chosen_falls: ``[B]`` bool, a_w N_w + a_l I > 0 (with a_w < 0 < a_l: I > (-a_w / a_l) N_w).
+        rejected_rises: ``[B]`` bool, a_w I + a_l N_l < 0 (with a_w < 0 < a_l: I > (a_l / -a_w) N_l).
+        zero_coefficient: ``[B]`` bool, a_w == 0 or a_l == 0 (hinge satisfied, sigmoid underflow): every statistic
+            that divides by a zero coefficient is NaN (inner and cosine; N_w when a_w == 0; N_l when a_l == 0).
+        per_module: module name -> ``(inner, chosen_sq_norm, rejected_sq_norm)``, each ``[B]``. A parameter shared by
+            two modules (tied embeddings) adds an entry ``"<module> x <module>"`` with the cross terms
+            (<g^(1)_w, g^(2)_l> + <g^(2)_w, g^(1)_l>, 2 <g^(1)_w, g^(2)_w>, 2 <g^(1)_l, g^(2)_l>). The entries sum
+            to the totals.
+        pairs: ``[B, 2]`` int64, the (chosen row, rejected row) of each pair in the model's forward.
+        position_attribution: ``[B, T, T]`` or None. Entry [i, tau, sigma] sums, over layers, the terms the positions
+            tau of the chosen row and sigma of the rejected row contribute to I; ``position_attribution[i].sum()`` is
+            ``inner[i]``. It splits I by where layers act; it is not the token matrix K[t, s] of per-token log-prob
+            gradients (:class:`entangle_fast.OutputLayerTokenStats.token_matrix` is that, at the output layer).
+        uniform_upstream: ``[B]`` bool or None: with the fused log-prob op, whether every response token of both rows
+            received the same upstream gradient (False: the statistics are those of a token-weighted sum).
+        sketched: names of the modules whose terms are sketch estimates (``mode="sketch"``), unbiased, not exact.
+    """
+
+    inner: Tensor
+    chosen_sq_norm: Tensor
+    rejected_sq_norm: Tensor
+    cosine: Tensor
+    a_w: Tensor
+    a_l: Tensor
+    case: Tensor
+    chosen_falls: Tensor
+    rejected_rises: Tensor
+    zero_coefficient: Tensor
+    per_module: dict[str, tuple[Tensor, Tensor, Tensor]]
+    pairs: Tensor
+    position_attribution: Tensor | None = None
+    uniform_upstream: Tensor | None = None
+    sketched: tuple[str, ...] = field(default_factory=tuple)
+
+    def predicted_delta(self, lr: float) -> tuple[Tensor, Tensor]:
+        """First-order change of ``(s_w, s_l)`` ``[B]`` from one plain SGD step of size ``lr`` on each pair alone:
+
+            ds_w = -lr (a_w N_w + a_l I),    ds_l = -lr (a_w I + a_l N_l)
+
+        Cross-pair terms of a batch step are left out. A zero coefficient removes its term (0 * NaN counts as 0).
+        With Adam or any preconditioned optimizer this is an indicator of the direction of the pressure on each
+        log-prob, not a forecast of the change.
+        """
+        def times(a, x):
+            return torch.where(a == 0, torch.zeros_like(x), a * x)
+
+        d_chosen = -lr * (times(self.a_w, self.chosen_sq_norm) + times(self.a_l, self.inner))
+        d_rejected = -lr * (times(self.a_w, self.inner) + times(self.a_l, self.rejected_sq_norm))
+        return d_chosen, d_rejected
+
+
+def classify(inner: Tensor, nw: Tensor, nl: Tensor, a_w: Tensor, a_l: Tensor):
+    """``(case, chosen_falls, rejected_rises)`` from the first-order SGD changes of docs/math.md section 2."""
+    chosen_falls = (a_w * nw + a_l * inner) > 0
+    rejected_rises = (a_w * inner + a_l * nl) < 0
+    defined = (a_w != 0) & (a_l != 0) & torch.isfinite(inner) & torch.isfinite(nw) & torch.isfinite(nl)
+    case = torch.zeros(inner.shape, dtype=torch.int64, device=inner.device)
+    case = torch.where(~chosen_falls & ~rejected_rises, 1, case)
+    case = torch.where(chosen_falls & ~rejected_rises, 2, case)
+    case = torch.where(~chosen_falls & rejected_rises, 3, case)
+    case = torch.where(defined, case, 0)
+    return case, chosen_falls & defined, rejected_rises & defined
