@@ -6,7 +6,7 @@ just-in-time on first use; an ahead-of-time build is opt-in (see docs/cuda.md on
 Torch is required but deliberately unpinned from above: a GPU machine keeps its CUDA build of torch, and a CPU machine
 that already has torch installed is not upgraded to a newer (CUDA) build by pip.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="entangle-fast",
@@ -16,7 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["entangle_fast", "entangle_fast.kernels"],
+    # Every subpackage of entangle_fast/, plus kernels/ installed under it.
+    packages=find_packages(include=["entangle_fast", "entangle_fast.*"]) + ["entangle_fast.kernels"],
     package_dir={"entangle_fast": "entangle_fast", "entangle_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

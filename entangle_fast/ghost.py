@@ -173,7 +173,7 @@ def ghost_gram(
         seg_pairs.contiguous(),
     )
     if backend == "triton":
-        from entangle_fast.kernels.ghost_gram import ghost_gram_fwd
+        from entangle_fast.kernels import ghost_gram_fwd
 
         values, pos = ghost_gram_fwd(*args, positions=positions)
     else:

@@ -136,10 +136,10 @@ def fused_backward(
     gb = torch.zeros(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
     chunks = _vocab_chunks(n, v, layout is not None)
     probs = None
-    if layout is not None:
-        probs = torch.empty(n, chunks[0][1] - chunks[0][0], dtype=cdt, device=hidden.device)
+    if layout is not None:  # one flat buffer, so that every chunk, the shorter last one too, is a contiguous [N, cols]
+        probs = torch.empty(n * (chunks[0][1] - chunks[0][0]), dtype=cdt, device=hidden.device)
     for v0, v1 in chunks:
-        chunk_probs = probs[:, : v1 - v0] if probs is not None else None
+        chunk_probs = probs[: n * (v1 - v0)].view(n, v1 - v0) if probs is not None else None
         bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
             grad_hidden_unscaled=r, grad_weight=gw, grad_bias=gb,
             vocab_start=v0, vocab_end=v1, probs_out=chunk_probs)

@@ -1,0 +1,365 @@
+"""Fused linear + log-softmax + gather: token log-probs without the [N, V] logits.
+
+For a row n with hidden state h_n, output embedding W [V, d] and bias b [V]:
+
+    z[n, v]  = h_n . W[v] + b[v]
+    lse[n]   = log sum_v exp z[n, v]                  (online max/sum over vocab tiles, fp32)
+    l[n]     = z[n, y_n] - lse[n]                     (0 where y_n == ignore_index)
+
+and in the backward, with p = exp(z - lse) and du = e_{y_n} - p (the delta_t of docs/math.md section 3.1):
+
+    dl[n]/dh_n = sum_v du[n, v] W[v]        dl[n]/dW[v] = du[n, v] h_n        dl[n]/db[v] = du[n, v]
+
+See docs/math.md, section 3.1, for why the same p tiles also feed the token Gram statistics.
+Logit tiles are recomputed from h and W in both passes, so memory stays O(N + V) beyond the inputs.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# Hopper tiles, compiled offline with ptxas for sm_90a at d % 16 == 0: no register spills, shared
+# memory under 228 KB. fp32 operands take the "ieee" FMA path, which keeps its operands in
+# registers, hence the smaller fp32 tiles. Not yet timed on a GPU.
+_FWD_CONFIGS_16BIT = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+]
+_FWD_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+]
+# The backward is NOT autotuned: it accumulates into caller-owned buffers with atomics, and the
+# autotuner re-runs the kernel while timing, which would add the gradient several times over.
+# reset_to_zero would wipe what earlier vocab-range calls accumulated, and restore_value would
+# clone grad_weight ([V, d] fp32: GBs for a large vocabulary). One fixed config per dtype class.
+_BWD_CONFIG_16BIT = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+_BWD_CONFIG_FP32 = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2)
+# The interpreter runs each tile in numpy: one small config (tl.dot needs every block dim >= 16).
+_INTERPRET_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fwd_configs():
+    if _interpreting():
+        return [triton.Config(dict(_INTERPRET_BLOCKS), num_warps=1)]
+    return _FWD_CONFIGS_16BIT + _FWD_CONFIGS_FP32
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    fp32 = named_args["h_ptr"].dtype == torch.float32
+    wanted = _FWD_CONFIGS_FP32 if fp32 else _FWD_CONFIGS_16BIT
+    return [c for c in configs if any(c is w for w in wanted)] or configs
+
+
+def _bwd_config(dtype) -> dict:
+    if _interpreting():
+        return dict(_INTERPRET_BLOCKS, num_warps=1, num_stages=1)
+    return dict(_BWD_CONFIG_FP32 if dtype == torch.float32 else _BWD_CONFIG_16BIT)
+
+
+@triton.jit
+def _round_bf16_keep_fp32(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), returned as fp32.
+
+    Interpreter only: there x.to(tl.bfloat16) truncates (and its "rtne" mode drops mantissa carries),
+    which would make the CPU run less exact than the GPU's round-to-nearest cast it stands in for.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D,
+                HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z[offs_n, offs_v] = h . W^T + b as an fp32 [BLOCK_N, BLOCK_V] tile (K-loop over d)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        # Masked lanes load 0 so padded d columns add nothing to the dot.
+        h = tl.load(h_ptr + offs_n[:, None] * D + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * D + offs_d[None, :],
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        if DOT_IN_FP32:
+            # The Triton 3.9 interpreter's bf16 x bf16 dot is wrong; fp32 operands hold bf16 exactly.
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        # "ieee" matters only for fp32 operands: TF32 would be less exact than PyTorch's fp32 matmul.
+        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.autotune(configs=_fwd_configs(), key=["D", "V", "num_splits"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
+@triton.jit
+def _logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_lse_ptr, part_target_ptr,
+                        N, V, D, num_splits, ignore_index,
+                        HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (row blocks, vocab splits). Each program walks its split's vocab tiles with a running
+    max m and sum s, and writes part_lse[split, n] = m + log s and part_target[split, n] = z[n, y_n]
+    (0 when y_n lies in another split). Splitting V keeps the GPU busy when N / BLOCK_N is small."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # int64 row offsets: N * d can pass 2**31 at LLM sizes.
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
+
+    # Splits own whole tiles, so only the last tile of [0, V) is ragged.
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+    v_lo = pid_s * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D,
+                        HAS_BIAS, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        # Every tile visited has a real column (v0 < V), so m_new is finite and the rescale
+        # exp(m - m_new) never meets inf - inf, even on the first tile where m = -inf.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        # Exactly one tile of [0, V) holds each label; the others add 0.
+        hit = offs_v[None, :] == labels[:, None]
+        target += tl.sum(tl.where(hit, z, 0.0), axis=1)
+
+    # s >= 1 after any tile (its max term is exp(0)), so the clamp changes nothing there; it only
+    # spares log(0) for a split with no tiles (more splits than tiles), whose part_lse = m = -inf
+    # then drops out of the log-sum-exp over splits.
+    out = pid_s.to(tl.int64) * N + offs_n
+    tl.store(part_lse_ptr + out, m + tl.log(tl.maximum(s, 1.0)), mask=mask_n)
+    tl.store(part_target_ptr + out, target, mask=mask_n)
+
+
+@triton.jit
+def _logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
+                        grad_h_ptr, grad_w_ptr, grad_b_ptr, probs_ptr,
+                        N, D, vocab_start, vocab_end, ignore_index,
+                        HAS_BIAS: tl.constexpr, HAS_GRAD_W: tl.constexpr, HAS_GRAD_B: tl.constexpr,
+                        HAS_PROBS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (row blocks, vocab tiles of [vocab_start, vocab_end)); each program owns one p tile."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = vocab_start + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < vocab_end
+
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
+    live = mask_n & (labels != ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D,
+                    HAS_BIAS, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
+    live_tile = live[:, None] & mask_v[None, :]
+    # Zeroing p on ignored rows and padded lanes makes every product below ignore them for free.
+    p = tl.where(live_tile, tl.exp(z - lse[:, None]), 0.0)
+    hit = (offs_v[None, :] == labels[:, None]) & live_tile
+    du = tl.where(hit, 1.0, 0.0) - p
+
+    if HAS_PROBS:
+        width = vocab_end - vocab_start
+        tl.store(probs_ptr + offs_n[:, None] * width + (offs_v - vocab_start)[None, :], p,
+                 mask=mask_n[:, None] & mask_v[None, :])
+
+    gdu = du * g[:, None]
+    # Atomics are "relaxed": the adds commute and nothing reads the buffers inside the kernel.
+    if HAS_GRAD_B:
+        tl.atomic_add(grad_b_ptr + offs_v, tl.sum(gdu, axis=0), mask=mask_v, sem="relaxed")
+
+    # The deltas go through the dot in the input dtype (tensor cores; PyTorch's own low-precision
+    # backward rounds grad_logits the same way); the sums still accumulate in fp32.
+    if DOT_IN_FP32:
+        du_dot = _round_bf16_keep_fp32(du)
+        gdu_dot = _round_bf16_keep_fp32(gdu)
+    else:
+        du_dot = du.to(w_ptr.dtype.element_ty)
+        gdu_dot = gdu.to(w_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        w = tl.load(w_ptr + offs_v[:, None] * D + offs_d[None, :],
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        if DOT_IN_FP32:
+            w = w.to(tl.float32)
+        dh = tl.dot(du_dot, w, input_precision="ieee")
+        # Ignored rows would only add zeros: skip their atomics.
+        tl.atomic_add(grad_h_ptr + offs_n[:, None] * D + offs_d[None, :], dh,
+                      mask=live[:, None] & mask_d[None, :], sem="relaxed")
+        if HAS_GRAD_W:
+            h = tl.load(h_ptr + offs_n[:, None] * D + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if DOT_IN_FP32:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(gdu_dot), h, input_precision="ieee")
+            tl.atomic_add(grad_w_ptr + offs_v[:, None] * D + offs_d[None, :], dw,
+                          mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
+
+
+def _check_inputs(hidden, weight, labels, bias):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a 2-D tensor [N, d], got {getattr(hidden, 'shape', type(hidden))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [V, d], got {getattr(weight, 'shape', type(weight))}")
+    N, d = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must be [V, {d}] to match hidden [N, {d}], got {tuple(weight.shape)}")
+    if V == 0 or d == 0:
+        raise ValueError(f"weight must have V >= 1 and d >= 1, got {tuple(weight.shape)}")
+    if hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (N,):
+        raise ValueError(f"labels must be int64 [{N}], got {getattr(labels, 'dtype', None)} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    named = [("hidden", hidden), ("weight", weight), ("labels", labels)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must be {hidden.dtype} [{V}] or None, got {getattr(bias, 'dtype', None)} "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        named.append(("bias", bias))
+    return N, V, d, named
+
+
+def _check_placement(named):
+    device = named[0][1].device
+    for name, t in named:
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device} like {named[0][0]}")
+    if device.type == "cpu" and not _interpreting():
+        raise ValueError(f"{named[0][0]} is on the CPU: Triton needs a GPU tensor, or TRITON_INTERPRET=1 "
+                         "set before triton is imported")
+
+
+def _check_fp32(name, t, shape):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be float32 {list(shape)}, got {getattr(t, 'dtype', None)} "
+                         f"{list(getattr(t, 'shape', []))}")
+
+
+def _dot_in_fp32(dtype) -> bool:
+    return _interpreting() and dtype == torch.bfloat16
+
+
+def _default_num_splits(N, V, device) -> int:
+    if device.type != "cuda":
+        return 1
+    # Enough programs for two waves over the SMs, counting row blocks of the largest BLOCK_N,
+    # while each split still spans >= 1024 vocab columns so the extra passes over h stay cheap.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(N, 128)
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(V, 1024)))
+
+
+def logprob_fwd(hidden, weight, labels, bias, ignore_index, *, num_splits=None):
+    """Token log-probs of `labels` under softmax(hidden @ weight.T + bias), never forming [N, V].
+
+    hidden [N, d], weight [V, d], bias [V] or None: one dtype among fp32/bf16/fp16, contiguous, one device.
+    labels int64 [N]; rows equal to ignore_index get logprob 0.0. Other labels must lie in [0, V).
+    num_splits: vocab splits run in parallel per row block (default: enough to fill the GPU; 1 on CPU).
+    Returns (logprobs, lse), both fp32 [N]; lse is computed for ignored rows too (finite).
+    """
+    N, V, d, named = _check_inputs(hidden, weight, labels, bias)
+    _check_placement(named)
+    if num_splits is None:
+        num_splits = _default_num_splits(N, V, hidden.device)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    # NaN-filled rather than empty so that a partial the kernel failed to write cannot pass as a value.
+    parts = torch.full((2, num_splits, N), float("nan"), dtype=torch.float32, device=hidden.device)
+    if N > 0:
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]), num_splits)
+
+        _logprob_fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, labels, parts[0], parts[1],
+            N, V, d, num_splits, int(ignore_index),
+            HAS_BIAS=bias is not None, DOT_IN_FP32=_dot_in_fp32(hidden.dtype),
+        )
+    lse = torch.logsumexp(parts[0], dim=0) if num_splits > 1 else parts[0, 0]
+    target = parts[1].sum(dim=0)
+    logprobs = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
+    return logprobs, lse
+
+
+def logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
+                grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out):
+    """Accumulate the log-prob gradients of vocab columns [vocab_start, vocab_end) into fp32 buffers.
+
+    hidden [N, d], weight [V, d], bias [V] or None, labels int64 [N] as in `logprob_fwd`;
+    lse fp32 [N] from `logprob_fwd`; grad_logprobs fp32 [N] (upstream g).
+    With p = exp(hidden . weight[v] + bias[v] - lse) and du = [v == label] - p, for non-ignored rows:
+        grad_hidden_unscaled fp32 [N, d]   += du @ weight[range]          (not scaled by g)
+        grad_weight          fp32 [V, d]   += (g * du)^T @ hidden         (rows in range; or None)
+        grad_bias            fp32 [V]      += sum_n g * du                 (or None)
+        probs_out            fp32 [N, vocab_end - vocab_start] = p       (0.0 on ignored rows; or None)
+    Buffers are added to, not overwritten (probs_out excepted): the caller zero-fills them and may
+    call once per consecutive vocab range.
+    """
+    N, V, d, named = _check_inputs(hidden, weight, labels, bias)
+    if not (isinstance(vocab_start, int) and isinstance(vocab_end, int) and 0 <= vocab_start <= vocab_end <= V):
+        raise ValueError(f"vocab_start, vocab_end must be ints with 0 <= start <= end <= V={V}, "
+                         f"got {vocab_start}, {vocab_end}")
+    width = vocab_end - vocab_start
+    _check_fp32("lse", lse, (N,))
+    _check_fp32("grad_logprobs", grad_logprobs, (N,))
+    _check_fp32("grad_hidden_unscaled", grad_hidden_unscaled, (N, d))
+    named += [("lse", lse), ("grad_logprobs", grad_logprobs), ("grad_hidden_unscaled", grad_hidden_unscaled)]
+    if grad_weight is not None:
+        _check_fp32("grad_weight", grad_weight, (V, d))
+        named.append(("grad_weight", grad_weight))
+    if grad_bias is not None:
+        _check_fp32("grad_bias", grad_bias, (V,))
+        named.append(("grad_bias", grad_bias))
+    if probs_out is not None:
+        _check_fp32("probs_out", probs_out, (N, width))
+        named.append(("probs_out", probs_out))
+    _check_placement(named)
+    if N == 0 or width == 0:
+        return
+
+    cfg = _bwd_config(hidden.dtype)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
+    # Absent optional tensors are replaced by a live pointer; the constexpr flags keep it unread.
+    _logprob_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, lse, grad_logprobs,
+        grad_hidden_unscaled,
+        grad_weight if grad_weight is not None else grad_hidden_unscaled,
+        grad_bias if grad_bias is not None else grad_hidden_unscaled,
+        probs_out if probs_out is not None else grad_hidden_unscaled,
+        N, d, vocab_start, vocab_end, int(ignore_index),
+        HAS_BIAS=bias is not None, HAS_GRAD_W=grad_weight is not None, HAS_GRAD_B=grad_bias is not None,
+        HAS_PROBS=probs_out is not None, DOT_IN_FP32=_dot_in_fp32(hidden.dtype),
+        **cfg,
+    )
