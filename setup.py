@@ -6,7 +6,25 @@ just-in-time on first use; an ahead-of-time build is opt-in (see docs/cuda.md on
 Torch is required but deliberately unpinned from above: a GPU machine keeps its CUDA build of torch, and a CPU machine
 that already has torch installed is not upgraded to a newer (CUDA) build by pip.
 """
+import importlib.util
+import os
+
 from setuptools import find_packages, setup
+
+
+def _cuda_build():
+    """The optional ahead-of-time CUDA extension of csrc/build.py (ENTANGLE_FAST_BUILD_CUDA=1); none by default."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build.py")
+    if not os.path.exists(path):
+        return [], {}
+    spec = importlib.util.spec_from_file_location("_entangle_fast_csrc_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ext = mod.cuda_extension()
+    return ([ext] if ext is not None else []), mod.cmdclass(ext)
+
+
+ext_modules, cmdclass = _cuda_build()
 
 setup(
     name="entangle-fast",
@@ -17,8 +35,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # Every subpackage of entangle_fast/, plus kernels/ installed under it.
-    packages=find_packages(include=["entangle_fast", "entangle_fast.*"]) + ["entangle_fast.kernels"],
-    package_dir={"entangle_fast": "entangle_fast", "entangle_fast.kernels": "kernels"},
+    packages=find_packages(include=["entangle_fast", "entangle_fast.*"]) + ["entangle_fast.kernels", "entangle_fast.csrc"],
+    package_dir={"entangle_fast": "entangle_fast", "entangle_fast.kernels": "kernels", "entangle_fast.csrc": "csrc"},
+    # The CUDA sources travel in the wheel for the just-in-time build (no compiled code, no CUDA needed to install).
+    package_data={"entangle_fast.csrc": ["*.cu", "*.cuh", "*.cpp"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

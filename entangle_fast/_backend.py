@@ -53,5 +53,10 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     if impl == "cuda":
         if not on_cuda:
             raise RuntimeError(f"impl='cuda' needs CUDA tensors, got device {device}")
-        raise RuntimeError("impl='cuda' is not built in this version of entangle_fast; use impl='triton'")
+        from entangle_fast._cuda import cuda_available
+
+        ok, reason = cuda_available(device)
+        if not ok:
+            raise RuntimeError(f"impl='cuda' cannot run here: {reason}")
+        return "cuda"
     return "torch"

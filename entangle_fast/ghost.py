@@ -176,6 +176,10 @@ def ghost_gram(
         from entangle_fast.kernels import ghost_gram_fwd
 
         values, pos = ghost_gram_fwd(*args, positions=positions)
+    elif backend == "cuda":
+        from entangle_fast._cuda import cuda_ghost_gram_fwd
+
+        values, pos = cuda_ghost_gram_fwd(*args, positions=positions)
     else:
         values, pos = torch_ghost_gram_fwd(*args, positions=positions)
     return GhostGramResult(values, pos)

@@ -103,10 +103,15 @@ def torch_logprob_bwd(
 
 
 def _backend_fns(impl: str):
+    """The ``(fwd, bwd)`` launchers of a resolved backend (all three share the contract of ``kernels/logprob.py``)."""
     if impl == "triton":
         from entangle_fast.kernels import logprob_bwd, logprob_fwd
 
         return logprob_fwd, logprob_bwd
+    if impl == "cuda":
+        from entangle_fast._cuda import cuda_logprob_bwd, cuda_logprob_fwd
+
+        return cuda_logprob_fwd, cuda_logprob_bwd
     return torch_logprob_fwd, torch_logprob_bwd
 
 

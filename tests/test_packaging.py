@@ -20,7 +20,7 @@ def run(*cmd, **kw):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
-    for name in ("setup.py", "README.md", "entangle_fast", "kernels"):
+    for name in ("setup.py", "README.md", "entangle_fast", "kernels", "csrc"):
         path = ROOT / name
         copy = shutil.copytree if path.is_dir() else shutil.copy
         copy(path, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if path.is_dir() else {}))
@@ -50,6 +50,8 @@ def test_wheel_installs_into_fresh_venv_with_kernels(wheel, tmp_path):
     assert lines[1].startswith(str(site / "entangle_fast" / "kernels")), lines[1]
     files = eval(lines[3])  # noqa: S307  (our own printed list)
     assert "logprob.py" in files, f"kernels/ files missing from the wheel: {files}"
+    csrc = sorted(p.name for p in (site / "entangle_fast" / "csrc").glob("*"))
+    assert {"logprob.cu", "ghost_gram.cu", "bindings.cpp"} <= set(csrc), f"CUDA sources missing from the wheel: {csrc}"
 
 
 def test_console_script_declared(wheel):
