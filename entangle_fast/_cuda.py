@@ -25,9 +25,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from entangle_fast._contract import (
+    KERNEL_DTYPES,
+    check_logprob_bwd_buffers,
+    check_logprob_inputs,
+    check_same_device_contiguous,
+)
+
 JIT_NAME = "entangle_fast_cuda"
 AOT_NAME = "entangle_fast._cuda_C"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
 _module = None
@@ -207,50 +213,10 @@ def _ghost_gram_fake(a, gamma, ids, cu_seqlens, seg_pairs, tmax_i, tmax_j, posit
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _shape(t):
-    return tuple(getattr(t, "shape", ()))
-
-
-def _check_logprob_inputs(hidden, weight, labels, bias):
-    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor [N, d], got {getattr(hidden, 'shape', type(hidden))}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [V, d], got {getattr(weight, 'shape', type(weight))}")
-    n, d = hidden.shape
-    v = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must be [V, {d}] to match hidden [N, {d}], got {tuple(weight.shape)}")
-    if v == 0 or d == 0:
-        raise ValueError(f"weight must have V >= 1 and d >= 1, got {tuple(weight.shape)}")
-    if hidden.dtype not in _DTYPES:
-        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or _shape(labels) != (n,):
-        raise ValueError(f"labels must be int64 [{n}], got {getattr(labels, 'dtype', None)} {_shape(labels)}")
-    named = [("hidden", hidden), ("weight", weight), ("labels", labels)]
-    if bias is not None:
-        if not isinstance(bias, Tensor) or _shape(bias) != (v,) or bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must be {hidden.dtype} [{v}] or None, got {getattr(bias, 'dtype', None)} "
-                             f"{_shape(bias)}")
-        named.append(("bias", bias))
-    return n, v, d, named
-
-
-def _check_placement(named, contiguous=True):
-    device = named[0][1].device
-    for name, t in named:
-        if contiguous and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device} like {named[0][0]}")
+def _check_placement(named):
+    device = check_same_device_contiguous(named)
     if device.type != "cuda":
         raise ValueError(f"{named[0][0]} is on {device}: impl='cuda' needs CUDA tensors")
-
-
-def _check_fp32(name, t, shape):
-    if not isinstance(t, Tensor) or t.dtype != torch.float32 or _shape(t) != tuple(shape):
-        raise ValueError(f"{name} must be float32 {list(shape)}, got {getattr(t, 'dtype', None)} {list(_shape(t))}")
 
 
 def cuda_logprob_fwd(hidden, weight, labels, bias, ignore_index):
@@ -260,7 +226,7 @@ def cuda_logprob_fwd(hidden, weight, labels, bias, ignore_index):
     one dtype among fp32/bf16/fp16, contiguous, on one CUDA device; labels int64 [N], rows equal to ignore_index get
     logprob 0.0, other labels must lie in [0, V). Returns (logprobs, lse), both fp32 [N].
     """
-    _, _, _, named = _check_logprob_inputs(hidden, weight, labels, bias)
+    _, _, _, named = check_logprob_inputs(hidden, weight, labels, bias)
     _check_placement(named)
     return torch.ops.entangle_fast.logprob_fwd(hidden, weight, labels, bias, int(ignore_index))
 
@@ -271,30 +237,14 @@ def cuda_logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_in
 
     The contract of ``entangle_fast.kernels.logprob.logprob_bwd``: grad_hidden_unscaled [N, d] += du @ W[range],
     grad_weight [V, d] += (g du)^T @ hidden (rows in range; or None), grad_bias [V] += sum_n g du (or None),
-    probs_out [N, vocab_end - vocab_start] = p (0.0 on ignored rows; or None). One relaxation: probs_out may be a
-    column slice of a wider buffer (unit column stride), the shape fused_backward's last statistics chunk has.
+    probs_out [N, vocab_end - vocab_start] = p (0.0 on ignored rows; or None).
     """
-    n, v, d, named = _check_logprob_inputs(hidden, weight, labels, bias)
-    if not (isinstance(vocab_start, int) and isinstance(vocab_end, int) and 0 <= vocab_start <= vocab_end <= v):
-        raise ValueError(f"vocab_start, vocab_end must be ints with 0 <= start <= end <= V={v}, "
-                         f"got {vocab_start}, {vocab_end}")
-    width = vocab_end - vocab_start
-    _check_fp32("lse", lse, (n,))
-    _check_fp32("grad_logprobs", grad_logprobs, (n,))
-    _check_fp32("grad_hidden_unscaled", grad_hidden_unscaled, (n, d))
-    named += [("lse", lse), ("grad_logprobs", grad_logprobs), ("grad_hidden_unscaled", grad_hidden_unscaled)]
-    if grad_weight is not None:
-        _check_fp32("grad_weight", grad_weight, (v, d))
-        named.append(("grad_weight", grad_weight))
-    if grad_bias is not None:
-        _check_fp32("grad_bias", grad_bias, (v,))
-        named.append(("grad_bias", grad_bias))
+    n, v, d, named = check_logprob_inputs(hidden, weight, labels, bias)
+    width = check_logprob_bwd_buffers(
+        n, v, d, named, lse=lse, grad_logprobs=grad_logprobs, grad_hidden_unscaled=grad_hidden_unscaled,
+        grad_weight=grad_weight, grad_bias=grad_bias, vocab_start=vocab_start, vocab_end=vocab_end,
+        probs_out=probs_out)
     _check_placement(named)
-    if probs_out is not None:
-        _check_fp32("probs_out", probs_out, (n, width))
-        if width > 1 and probs_out.stride(1) != 1:
-            raise ValueError(f"probs_out must have unit column stride, got strides {probs_out.stride()}")
-        _check_placement([("hidden", hidden), ("probs_out", probs_out)], contiguous=False)
     if n == 0 or width == 0:
         return
     torch.ops.entangle_fast.logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, int(ignore_index),
@@ -310,7 +260,7 @@ def cuda_ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool
     already validated (entangle_fast.ghost.ghost_gram). Returns (values fp32 [P], position_matrix fp32
     [P, Tmax_i, Tmax_j] or None), zero-padded.
     """
-    if gamma.dtype not in _DTYPES:
+    if gamma.dtype not in KERNEL_DTYPES:
         raise ValueError(f"gamma must be float32, bfloat16 or float16, got {gamma.dtype}")
     if a is not None and a.dtype != gamma.dtype:
         raise ValueError(f"a dtype {a.dtype} must match gamma dtype {gamma.dtype}")

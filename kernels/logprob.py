@@ -20,7 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from entangle_fast._contract import (
+    check_logprob_bwd_buffers,
+    check_logprob_inputs,
+    check_same_device_contiguous,
+)
+
 
 
 # Hopper tiles, compiled offline with ptxas for sm_90a at d % 16 == 0: no register spills, shared
@@ -223,49 +228,11 @@ def _logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
                           mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
 
 
-def _check_inputs(hidden, weight, labels, bias):
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor [N, d], got {getattr(hidden, 'shape', type(hidden))}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [V, d], got {getattr(weight, 'shape', type(weight))}")
-    N, d = hidden.shape
-    V = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must be [V, {d}] to match hidden [N, {d}], got {tuple(weight.shape)}")
-    if V == 0 or d == 0:
-        raise ValueError(f"weight must have V >= 1 and d >= 1, got {tuple(weight.shape)}")
-    if hidden.dtype not in _DTYPES:
-        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (N,):
-        raise ValueError(f"labels must be int64 [{N}], got {getattr(labels, 'dtype', None)} "
-                         f"{tuple(getattr(labels, 'shape', ()))}")
-    named = [("hidden", hidden), ("weight", weight), ("labels", labels)]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must be {hidden.dtype} [{V}] or None, got {getattr(bias, 'dtype', None)} "
-                             f"{tuple(getattr(bias, 'shape', ()))}")
-        named.append(("bias", bias))
-    return N, V, d, named
-
-
 def _check_placement(named):
-    device = named[0][1].device
-    for name, t in named:
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device} like {named[0][0]}")
+    device = check_same_device_contiguous(named)
     if device.type == "cpu" and not _interpreting():
         raise ValueError(f"{named[0][0]} is on the CPU: Triton needs a GPU tensor, or TRITON_INTERPRET=1 "
                          "set before triton is imported")
-
-
-def _check_fp32(name, t, shape):
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must be float32 {list(shape)}, got {getattr(t, 'dtype', None)} "
-                         f"{list(getattr(t, 'shape', []))}")
 
 
 def _dot_in_fp32(dtype) -> bool:
@@ -290,7 +257,7 @@ def logprob_fwd(hidden, weight, labels, bias, ignore_index, *, num_splits=None):
     num_splits: vocab splits run in parallel per row block (default: enough to fill the GPU; 1 on CPU).
     Returns (logprobs, lse), both fp32 [N]; lse is computed for ignored rows too (finite).
     """
-    N, V, d, named = _check_inputs(hidden, weight, labels, bias)
+    N, V, d, named = check_logprob_inputs(hidden, weight, labels, bias)
     _check_placement(named)
     if num_splits is None:
         num_splits = _default_num_splits(N, V, hidden.device)
@@ -327,24 +294,11 @@ def logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, 
     Buffers are added to, not overwritten (probs_out excepted): the caller zero-fills them and may
     call once per consecutive vocab range.
     """
-    N, V, d, named = _check_inputs(hidden, weight, labels, bias)
-    if not (isinstance(vocab_start, int) and isinstance(vocab_end, int) and 0 <= vocab_start <= vocab_end <= V):
-        raise ValueError(f"vocab_start, vocab_end must be ints with 0 <= start <= end <= V={V}, "
-                         f"got {vocab_start}, {vocab_end}")
-    width = vocab_end - vocab_start
-    _check_fp32("lse", lse, (N,))
-    _check_fp32("grad_logprobs", grad_logprobs, (N,))
-    _check_fp32("grad_hidden_unscaled", grad_hidden_unscaled, (N, d))
-    named += [("lse", lse), ("grad_logprobs", grad_logprobs), ("grad_hidden_unscaled", grad_hidden_unscaled)]
-    if grad_weight is not None:
-        _check_fp32("grad_weight", grad_weight, (V, d))
-        named.append(("grad_weight", grad_weight))
-    if grad_bias is not None:
-        _check_fp32("grad_bias", grad_bias, (V,))
-        named.append(("grad_bias", grad_bias))
-    if probs_out is not None:
-        _check_fp32("probs_out", probs_out, (N, width))
-        named.append(("probs_out", probs_out))
+    N, V, d, named = check_logprob_inputs(hidden, weight, labels, bias)
+    width = check_logprob_bwd_buffers(
+        N, V, d, named, lse=lse, grad_logprobs=grad_logprobs, grad_hidden_unscaled=grad_hidden_unscaled,
+        grad_weight=grad_weight, grad_bias=grad_bias, vocab_start=vocab_start, vocab_end=vocab_end,
+        probs_out=probs_out)
     _check_placement(named)
     if N == 0 or width == 0:
         return
