@@ -51,7 +51,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "build", "wheel"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "wheel"],
+        # TRL's DPOTrainer integration (entangle_fast.integrations.trl) and PEFT LoRA coverage of the monitor.
+        "trl": ["trl>=0.29,<2", "peft>=0.13", "accelerate>=1.4"],
     },
     entry_points={"console_scripts": ["entangle-fast = entangle_fast.cli:main"]},
 )

@@ -1,0 +1,273 @@
+"""TRL integration: :class:`EntangledDPOTrainer`, a ``trl.DPOTrainer`` whose log-probs come from the fused op and whose
+steps run under the entanglement monitor; :func:`patch_trl` makes existing scripts' ``trl.DPOTrainer`` this class.
+
+Supported TRL: ``>=0.29, <2`` (:data:`TRL_MIN`, :data:`TRL_MAX`), checked at import. From 0.29 on, TRL's preference
+collator emits ``input_ids``/``attention_mask``/``completion_mask`` rows (chosen first) and ``DPOTrainer`` computes its
+loss in ``_compute_loss(model, inputs, return_outputs)``, the one method overridden here; tested on TRL 1.16.0.
+``ENTANGLE_FAST_SKIP_TRL_VERSION_CHECK=1`` skips the check (at your own risk).
+
+What changes against stock TRL, on the configurations this class computes itself (loss types ``sigmoid``, ``hinge``,
+``ipo``, alone or weighted together; reverse-KL scores; no ``ld_alpha``, WPO weighting, MoE auxiliary loss, vision
+inputs, prompt-learning PEFT, Liger loss):
+
+- policy and reference log-probs come from :func:`entangle_fast.preference_logprobs` (one backbone forward, the fused
+  log-prob op; no ``[2B, T, V]`` tensor), the loss from :func:`entangle_fast.losses.preference_loss`;
+- the loss, its gradients and TRL's ``rewards/*``, ``logps/*`` and ``num_tokens`` logs are TRL's; TRL's ``entropy``,
+  ``logits/*`` and ``mean_token_accuracy`` are not logged (they need vocabulary-wide reductions the fused op does not
+  make);
+- every ``entangle_every``-th optimizer step runs under :class:`~entangle_fast.monitor.EntanglementMonitor`; its
+  ``entangle/`` means go through TRL's own metric path (console, TensorBoard, W&B, ``state.log_history``).
+
+Any other configuration falls back to TRL's own ``_compute_loss``, with a warning, and no monitoring.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+try:
+    import trl
+    from trl.trainer.dpo_trainer import DPOTrainer as _StockDPOTrainer
+except ImportError as _err:  # pragma: no cover - exercised with TRL hidden
+    raise ImportError(
+        "entangle_fast.integrations.trl needs TRL (with peft and accelerate): pip install entangle-fast[trl]"
+    ) from _err
+
+import torch
+from packaging.version import Version
+
+from entangle_fast.integrations.distributed import unwrap_model, wrapped_preference_logprobs
+from entangle_fast.integrations.hf import StepMonitor
+from entangle_fast.losses import preference_loss
+from entangle_fast.preference import output_head
+
+__all__ = ["EntangledDPOTrainer", "patch_trl", "unpatch_trl", "SUPPORTED_LOSS_TYPES", "TRL_MIN", "TRL_MAX"]
+
+TRL_MIN, TRL_MAX = "0.29.0", "2.0.0"
+
+
+def _check_trl_version(version: str) -> None:
+    if os.environ.get("ENTANGLE_FAST_SKIP_TRL_VERSION_CHECK") == "1":
+        return
+    v = Version(version)
+    if not Version(TRL_MIN) <= v < Version(TRL_MAX):
+        raise ImportError(
+            f"entangle_fast.integrations.trl supports trl>={TRL_MIN},<{TRL_MAX}; found trl {version}. "
+            "Install a supported release: pip install entangle-fast[trl] "
+            "(or set ENTANGLE_FAST_SKIP_TRL_VERSION_CHECK=1 to try anyway)"
+        )
+
+
+_check_trl_version(trl.__version__)
+
+# TRL loss_type -> entangle_fast.losses name; the three have TRL's exact form (docs/integrations.md).
+SUPPORTED_LOSS_TYPES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo"}
+
+
+def _value(x):
+    return getattr(x, "value", x)  # older TRL releases hold some options as enums
+
+
+class EntangledDPOTrainer(_StockDPOTrainer):
+    """``trl.DPOTrainer`` with fused log-probs and the entanglement monitor (module docstring).
+
+    Args (beyond ``trl.DPOTrainer``'s, all keyword-only):
+        entangle_every: monitor every n-th optimizer step (1: every step; 0: never).
+        entangle_mode: ``"exact"`` or ``"sketch"`` (:class:`~entangle_fast.monitor.EntanglementMonitor`).
+        entangle_params: tracked parameters (default: every trainable one, LoRA adapters included).
+        entangle_monitor_kwargs: further monitor arguments (``exclude``, ``sketch_dim``, ``seed``).
+        entangle_images_every: token heat-maps every n-th step, main process only, when TensorBoard or W&B is
+            configured (0: never).
+        entangle_impl: backend of the fused log-prob op (``"auto"``, ``"triton"``, ``"torch"``).
+
+    Defaults come from :attr:`entangle_defaults` (what :func:`patch_trl` sets for scripts that cannot pass them).
+    """
+
+    entangle_defaults: dict = {"entangle_every": 1, "entangle_mode": "exact", "entangle_params": None,
+                               "entangle_monitor_kwargs": None, "entangle_images_every": 100, "entangle_impl": "auto"}
+
+    def __init__(self, *args, **kwargs):
+        options = dict(self.entangle_defaults)
+        for key in list(kwargs):
+            if key.startswith("entangle_"):
+                if key not in options:
+                    raise TypeError(f"unknown option {key!r}; EntangledDPOTrainer takes {sorted(options)}")
+                options[key] = kwargs.pop(key)
+        super().__init__(*args, **kwargs)
+        self.entangle = StepMonitor(every=options["entangle_every"], mode=options["entangle_mode"],
+                                    params=options["entangle_params"],
+                                    monitor_kwargs=options["entangle_monitor_kwargs"],
+                                    images_every=options["entangle_images_every"])
+        self.entangle_impl = options["entangle_impl"]
+        self.entangle_fallback = self._unsupported()
+        if self.entangle_fallback:
+            warnings.warn(f"EntangledDPOTrainer: {self.entangle_fallback}; using TRL's own loss computation, without "
+                          "entanglement monitoring", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _unsupported(self) -> str | None:
+        """Why this configuration is not computed here (None when it is)."""
+        unknown = [t for t in self.loss_types if t not in SUPPORTED_LOSS_TYPES]
+        if unknown:
+            return f"loss_type {unknown} (supported: {sorted(SUPPORTED_LOSS_TYPES)})"
+        if _value(self.f_divergence_type) != "reverse_kl":
+            return f"f_divergence_type={_value(self.f_divergence_type)!r} (supported: 'reverse_kl')"
+        checks = {
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": bool(getattr(self, "use_weighting", False)),
+            "MoE auxiliary loss": bool(getattr(self, "aux_loss_enabled", False)),
+            "vision inputs": bool(getattr(self, "_is_vision_dataset", False) or getattr(self, "_is_vlm", False)),
+            # Releases up to 1.9 route compute_loss to Liger's fused DPO loss, past the method overridden here.
+            "Liger DPO loss": bool(getattr(self, "use_liger_kernel", False) and hasattr(self, "_compute_loss_liger")),
+            "padding_free": bool(getattr(self, "padding_free", False)),
+        }
+        on = [name for name, flag in checks.items() if flag]
+        if on:
+            return f"{', '.join(on)} not supported"
+        peft_config = getattr(self.model, "peft_config", None)
+        if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+            return "prompt-learning PEFT (virtual tokens) not supported"
+        try:
+            output_head(unwrap_model(self.model))
+        except (NotImplementedError, ValueError) as err:
+            return str(err)
+        return None
+
+    def training_step(self, model, *args, **kwargs):
+        if self.entangle_fallback:
+            return super().training_step(model, *args, **kwargs)
+        stock_step = super().training_step
+        return self.entangle.run(self, model, lambda: stock_step(model, *args, **kwargs), self._entangle_metrics)
+
+    def _entangle_metrics(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+
+    def _reference_logps(self, batch: dict):
+        """``(ref_chosen, ref_rejected)`` ``[B]`` from the reference model (or the policy with its adapter off)."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
+            stack.enter_context(self.accelerator.autocast())
+            ref = self.ref_model
+            peft_model = _unwrap_peft(self.model)
+            if ref is None and hasattr(peft_model, "peft_config"):
+                from trl.trainer.utils import use_adapter
+
+                stack.enter_context(use_adapter(peft_model, "ref" if "ref" in peft_model.peft_config else None))
+                ref = self.model
+            out = wrapped_preference_logprobs(ref, batch, impl=self.entangle_impl)
+        return out.chosen_logps.detach(), out.rejected_logps.detach()
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.entangle_fallback:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        input_ids, attention_mask, completion_mask = inputs["input_ids"], inputs["attention_mask"], inputs[
+            "completion_mask"]
+        if hasattr(self, "_truncate_inputs"):  # TRL 0.29 truncates here; later releases in the collator
+            input_ids, attention_mask, completion_mask = self._truncate_inputs(input_ids, attention_mask,
+                                                                               completion_mask)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+        with self.accelerator.autocast():
+            out = wrapped_preference_logprobs(model, batch, impl=self.entangle_impl)
+        chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self._reference_logps(batch)
+        ref_chosen = ref_chosen.to(chosen_logps)
+        ref_rejected = ref_rejected.to(rejected_logps)
+        # TRL's IPO averages over the completion tokens of the (unshifted) completion mask, at least one.
+        lengths = completion_mask.sum(dim=1).clamp(min=1).to(chosen_logps.dtype)
+        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            per_pair = preference_loss(
+                SUPPORTED_LOSS_TYPES[loss_type], chosen_logps, rejected_logps, ref_chosen_logps=ref_chosen,
+                ref_rejected_logps=ref_rejected, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                beta=self.beta,
+            ).losses
+            loss = loss + per_pair.mean() * weight
+
+        self._log_trl_metrics(mode, attention_mask, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return loss, outputs
+        return loss
+
+    def _log_trl_metrics(self, mode, attention_mask, chosen_logps, rejected_logps, ref_chosen, ref_rejected) -> None:
+        """TRL's ``rewards/*``, ``logps/*`` and ``num_tokens`` entries, gathered across ranks as TRL gathers them."""
+        acc, metrics = self.accelerator, self._metrics[mode]
+        if mode == "train":
+            tokens = acc.gather_for_metrics(attention_mask.sum()).sum().item()
+            self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
+        metrics["num_tokens"] = [self._total_train_tokens]
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected).detach()
+        metrics["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
+
+
+def _unwrap_peft(model):
+    """The PEFT model inside DDP-like wrappers (or the model itself)."""
+    while not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Patching existing scripts
+
+_PATCH_SITES = ("trl", "trl.trainer", "trl.trainer.dpo_trainer")
+_saved: dict[str, object] = {}
+
+
+def patch_trl(**entangle_defaults) -> type:
+    """Make ``trl.DPOTrainer`` (and ``trl.trainer.DPOTrainer``, ``trl.trainer.dpo_trainer.DPOTrainer``) refer to
+    :class:`EntangledDPOTrainer`, so an existing script gets fused log-probs and monitoring unchanged.
+
+    Call it before the script runs ``from trl import DPOTrainer`` (a name imported earlier keeps the stock class).
+    ``entangle_defaults`` (``entangle_every=10``, ...) become the defaults of the patched class. Idempotent; undone by
+    :func:`unpatch_trl`. Returns the class now installed.
+    """
+    import importlib
+
+    cls = EntangledDPOTrainer
+    if entangle_defaults:
+        unknown = sorted(set(entangle_defaults) - set(EntangledDPOTrainer.entangle_defaults))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; patch_trl takes "
+                            f"{sorted(EntangledDPOTrainer.entangle_defaults)}")
+        cls = type("EntangledDPOTrainer", (EntangledDPOTrainer,), {
+            "entangle_defaults": {**EntangledDPOTrainer.entangle_defaults, **entangle_defaults},
+            "__module__": __name__,
+        })
+    for site in _PATCH_SITES:
+        module = importlib.import_module(site)
+        _saved.setdefault(site, module.__dict__.get("DPOTrainer", _StockDPOTrainer))
+        module.DPOTrainer = cls
+    return cls
+
+
+def unpatch_trl() -> None:
+    """Undo :func:`patch_trl`: ``trl.DPOTrainer`` is TRL's own class again."""
+    import importlib
+
+    for site, original in list(_saved.items()):
+        importlib.import_module(site).DPOTrainer = original
+        del _saved[site]
+
+
+unpatch = unpatch_trl
