@@ -11,9 +11,11 @@ import sys
 
 # name -> (module, one-line help). The first entry is the default.
 COMMANDS = {
+    "demo": ("entangle_fast.commands.demo",
+             "SFT + DPO on built-in sentiment sets, monitor every step, normalised-update comparison"),
     "logprobs": ("entangle_fast.commands.logprobs", "chosen/rejected log-probs of built-in pairs on a tiny model"),
 }
-DEFAULT = "logprobs"
+DEFAULT = "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:

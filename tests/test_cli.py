@@ -4,8 +4,8 @@ import pytest
 from entangle_fast.cli import main
 
 
-def test_default_prints_logprobs_of_builtin_pairs(capsys):
-    assert main([]) == 0
+def test_logprobs_of_builtin_pairs(capsys):
+    assert main(["logprobs"]) == 0
     out = capsys.readouterr().out
     assert "log p(chosen)" in out and "positive" in out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.coverage import build_coverage
 from entangle_fast.monitor.stats import EntanglementStats, classify
@@ -70,6 +71,9 @@ class EntanglementMonitor:
         exclude: parameters, modules or their names to leave out of the statistics (the explicit opt-out for
             parameters the monitor cannot cover exactly).
         position_attribution: also return ``stats.position_attribution`` ``[B, T, T]`` (exact mode only).
+        keep_factors: keep every module's packed factors after the step (about the size of the activations) so that
+            :meth:`weighted_gradients` and :meth:`gradient_dot` can re-form gradients without a second backward
+            (docs/math.md section 6). They are released when the monitor is entered again.
 
     Raises:
         UncoveredParametersError: at construction, listing tracked parameters of module kinds the monitor cannot
@@ -79,7 +83,7 @@ class EntanglementMonitor:
     """
 
     def __init__(self, model: nn.Module, params=None, mode: str = "exact", sketch_dim: int = 64, seed: int = 0,
-                 exclude=(), position_attribution: bool = False):
+                 exclude=(), position_attribution: bool = False, keep_factors: bool = False):
         if mode not in ("exact", "sketch"):
             raise ValueError(f"mode must be 'exact' or 'sketch', got {mode!r}")
         if mode == "sketch" and position_attribution:
@@ -88,6 +92,7 @@ class EntanglementMonitor:
             raise ValueError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
         self.model, self.mode, self.sketch_dim, self.seed = model, mode, sketch_dim, int(seed)
         self.position_attribution = bool(position_attribution)
+        self.keep_factors = bool(keep_factors)
         self.coverage = build_coverage(model, params, exclude)
         head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
         self._head_weight = getattr(head, "weight", None)
@@ -160,6 +165,8 @@ class EntanglementMonitor:
         self._stats: EntanglementStats | None = None
         self._final_error: BaseException | None = None
         self._backward_seen = False
+        self._kept: list[F.KeptUse] = []
+        self._token_grads: dict[int, Tensor] = {}
 
     def _fail(self, message: str, err: BaseException | None = None) -> None:
         self._errors.append((message, err))
@@ -327,6 +334,20 @@ class EntanglementMonitor:
                 self._store(self.coverage.entries[idx].name, terms)
         if len(members) > 1:
             self._reduce_shared(members, packed)
+        if self.keep_factors:
+            for idx in members:
+                self._keep(idx, packed)
+
+    def _keep(self, idx: int, packed: dict) -> None:
+        entry = self.coverage.entries[idx]
+        params = {a: getattr(entry.module, a) for a in entry.tracked}
+        if idx == self.coverage.head and idx not in self._uses and self._record is not None:
+            self._kept.append(F.KeptUse(entry.name, "head", params, record=self._record))
+            return
+        tok = self._pack(idx, packed)
+        if tok is not None:
+            self._kept.append(F.KeptUse(entry.name, entry.kind, params, tok=tok,
+                                        token_grads=self._token_grads.pop(idx, None)))
 
     def _store(self, name: str, terms: R.Terms) -> None:
         if terms.attribution:
@@ -412,6 +433,8 @@ class EntanglementMonitor:
             grads = R.positionwise_token_grads(entry.module, entry.tracked, tok.a, tok.gamma)
         finally:
             self._replaying = False
+        if self.keep_factors:
+            self._token_grads[idx] = grads
         return R.token_grad_terms(tok, grads.to(self._cdt()), pairs, positions=positions)
 
     def _sketch(self, idx: int, tok: R.Tokens):
@@ -566,3 +589,67 @@ class EntanglementMonitor:
                 raise RuntimeError("no statistics: run one step (forward, loss, backward) inside the with-block")
             self._finalize()
         return self._stats
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Re-formed gradients from the kept factors (keep_factors=True)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _row_coefficients(self) -> tuple[Tensor, Tensor]:
+        """``(pairs [B, 2], coefficient of every row [R])``: the a_w, a_l the backward carried (0 off the pairs)."""
+        if not self.keep_factors:
+            raise RuntimeError("re-formed gradients need EntanglementMonitor(..., keep_factors=True)")
+        st = self.stats
+        if not self._kept:
+            raise RuntimeError("no factors were kept: run one step (forward, loss, backward) inside the with-block")
+        pairs = st.pairs.cpu()
+        rows = max([int(pairs.max()) + 1 if pairs.numel() else 0]
+                   + [u.tok.rows if u.tok is not None else u.record.rows_shape[0] for u in self._kept])
+        if len(set(pairs.reshape(-1).tolist())) != pairs.numel():
+            raise ValueError("a row belongs to two pairs: its coefficient is ambiguous, so gradients cannot be "
+                             "re-formed per row")
+        coef = torch.zeros(rows, dtype=st.a_w.dtype, device=st.a_w.device)
+        coef[pairs[:, 0]] = st.a_w
+        coef[pairs[:, 1]] = st.a_l
+        return pairs, coef
+
+    def weighted_gradients(self, chosen_weights: Tensor, rejected_weights: Tensor) -> dict[nn.Parameter, Tensor]:
+        """``sum_i (u_i grad s_w,i + v_i grad s_l,i)`` for every tracked parameter, re-formed from the kept factors of
+        the step (no second backward of the model; the fused head takes one head-only pass over the vocabulary).
+
+        Args:
+            chosen_weights / rejected_weights: ``[B]`` u and v, per pair.
+
+        Returns:
+            parameter -> tensor of its shape and dtype. Gradients of the summed log-probs, not of the loss.
+
+        Raises:
+            ValueError: a nonzero weight on a row whose coefficient was 0 (that row's gradient never reached the
+                backward, see ``stats.zero_coefficient``).
+        """
+        pairs, coef = self._row_coefficients()
+        weights = torch.zeros_like(coef)
+        weights[pairs[:, 0]] = torch.as_tensor(chosen_weights, dtype=coef.dtype, device=coef.device)
+        weights[pairs[:, 1]] = torch.as_tensor(rejected_weights, dtype=coef.dtype, device=coef.device)
+        lost = (weights != 0) & ~((coef != 0) & torch.isfinite(coef))
+        if bool(lost.any()):
+            raise ValueError(f"rows {torch.nonzero(lost).flatten().tolist()} have a zero loss coefficient, so the "
+                             "backward carried none of their gradient: give them weight 0")
+        lam = torch.where(weights != 0, weights / torch.where(coef != 0, coef, 1), 0)
+        grads = F.weighted_gradients(self._kept, lam)
+        return {p: g.to(p.dtype) for p, g in grads.items()}
+
+    def gradient_dot(self, direction) -> tuple[Tensor, Tensor]:
+        """``(<grad s_w,i, D>, <grad s_l,i, D>)``, each ``[B]``, for a direction D over the tracked parameters.
+
+        One plain SGD step theta -= lr * D changes each log-prob by ``-lr * <grad s, D>`` to first order, cross-pair
+        terms included (``D`` = the step's whole gradient gives the batch prediction that ``stats.predicted_delta``
+        gives per pair alone). NaN for a row whose coefficient was 0.
+
+        Args:
+            direction: mapping parameter -> tensor of its shape (e.g. ``{p: p.grad}``); missing parameters count as 0.
+        """
+        pairs, coef = self._row_coefficients()
+        blocks = {id(p): d.detach() for p, d in dict(direction).items() if d is not None}
+        dots = F.gradient_dot(self._kept, blocks, coef.shape[0], coef.dtype).to(coef.device)
+        dots = torch.where(coef != 0, dots / torch.where(coef != 0, coef, 1), float("nan"))
+        return dots[pairs[:, 0]], dots[pairs[:, 1]]
