@@ -233,9 +233,6 @@ def test_fsdp2_statistics_equal_single_process_without_head(ranks, single, scena
     _compare(ranks, single, "fsdp2", "no_head", scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="the monitor matches the head's fused-op record against the sharded FSDP2 "
-                                       "weight it saw at construction (docs/integrations.md); remove this mark once "
-                                       "it looks the head weight up at backward time")
 def test_fsdp2_full_model_statistics(ranks, single):
     _compare(ranks, single, "fsdp2", "full", "one_zero")
 

@@ -94,8 +94,6 @@ class EntanglementMonitor:
         self.position_attribution = bool(position_attribution)
         self.keep_factors = bool(keep_factors)
         self.coverage = build_coverage(model, params, exclude)
-        head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-        self._head_weight = getattr(head, "weight", None)
         self._sketches: dict[int, object] = {}
         self._handles: list = []
         self._active = False
@@ -224,8 +222,15 @@ class EntanglementMonitor:
         self._grad_seen.add(pid)
         return None
 
+    def _current_head_weight(self) -> Tensor | None:
+        """The output embedding's weight as it is now: looked up at backward time, because wrappers such as FSDP2
+        swap the module's parameters (sharded at rest, gathered around forward and backward)."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        return getattr(head, "weight", None)
+
     def _on_record(self, record: BackwardRecord) -> None:
-        w = self._head_weight
+        w = self._current_head_weight()
         if w is None or record.weight.data_ptr() != w.data_ptr() or record.weight.shape != w.shape:
             return
         if self._record is not None:
