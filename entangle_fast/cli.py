@@ -14,6 +14,8 @@ COMMANDS = {
     "demo": ("entangle_fast.commands.demo",
              "SFT + DPO on built-in sentiment sets, monitor every step, normalised-update comparison"),
     "logprobs": ("entangle_fast.commands.logprobs", "chosen/rejected log-probs of built-in pairs on a tiny model"),
+    "profile": ("entangle_fast.commands.profile",
+                "per-token gradient profile of preference pairs: JSON lines, heat-maps, HTML report"),
 }
 DEFAULT = "demo"
 
