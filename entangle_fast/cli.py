@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "demo": ("entangle_fast.commands.demo",
              "SFT + DPO on built-in sentiment sets, monitor every step, normalised-update comparison"),
+    "bench": ("entangle_fast.commands.bench", "run a benchmark preset (JSON, summary, plots) or --compare two runs"),
     "logprobs": ("entangle_fast.commands.logprobs", "chosen/rejected log-probs of built-in pairs on a tiny model"),
     "profile": ("entangle_fast.commands.profile",
                 "per-token gradient profile of preference pairs: JSON lines, heat-maps, HTML report"),

@@ -1,0 +1,590 @@
+"""Benchmark runs: presets through pytest-benchmark, one JSON per run, a Markdown summary of ratios, plots, comparison.
+
+The suites live in the source checkout's ``benchmarks/`` folder (pytest files, not part of the installed package);
+:func:`run_preset` runs them in this process with ``pytest.main`` and a collector plugin that gathers each case's
+result (recorded by the suite as a ``user_properties`` entry), every skip with its reason and every failure. The run
+file written from that is the unit everything else reads:
+
+    {"schema_version", "preset", "created", "device", "machine": {...}, "methods": {...}, "ours_auto",
+     "ceiling": {dtype: TFLOP/s}, "results": [...], "skipped": [...], "failed": [...], "ratios": [...]}
+
+(:data:`RUN_SCHEMA` spells out keys and types; :func:`check_run` checks a run against it.) Every figure that matters
+is a ratio of two measurements of the same run (:func:`compute_ratios`); :func:`compare` sets two runs side by side.
+Needs pytest and pytest-benchmark (the ``test`` extra) to run presets, matplotlib for plots; reading, summarising and
+comparing run files needs neither.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+RESULT_KEY = "entangle_fast_bench_result"  # the suites' user_properties key (benchmarks/cases.py)
+FLOPS_FORMULA = ("log-prob op: forward 2NVd, backward 4NVd + 2NVd logit recompute, full step 8NVd, charged to every "
+                 "implementation alike (work-normalised TFLOP/s); token stats: full step 8NVd, statistics only 6NVd, "
+                 "LM-head matmul 2NVd, per-token loop none; matmul 2mkn")
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+
+# key -> (accepted types, required). Hand-checked (no jsonschema dependency): see check_run.
+RUN_SCHEMA = {
+    "schema_version": (int, True), "preset": (str, True), "created": (str, True), "device": (str, True),
+    "machine": (dict, True), "methods": (dict, True), "ours_auto": (str, True), "ceiling": (dict, True),
+    "results": (list, True), "skipped": (list, True), "failed": (list, True), "ratios": (list, True),
+    "pytest_exit_code": (int, False),
+}
+RESULT_SCHEMA = {
+    "id": (str, True), "kind": (str, True), "group": (str, True), "impl": (str, True), "pass": (str, True),
+    "shape": (str, True), "shape_params": (dict, True), "dtype": (str, True), "device": (str, True),
+    "time_ms": (_NUM, True), "time_ms_min": (_NUM, True), "time_ms_max": (_NUM, True), "rounds": (int, True),
+    "samples_ms": (list, True), "timer": (str, True), "peak_memory_bytes": ((int, type(None)), True),
+    "memory_method": (str, True), "memory_error": (_OPT_STR, True), "flops": ((int, type(None)), True),
+    "tflops": (_OPT_NUM, True), "ceiling_fraction": (_OPT_NUM, False), "cpu_time_ms": (_OPT_NUM, False),
+    "warnings": (list, False),
+    "environment": (dict, False), "pytest_benchmark": (dict, False),
+}
+SKIP_SCHEMA = {"id": (str, True), "reason": (str, True), "kind": (str, False), "impl": (str, False),
+               "pass": (str, False), "shape": (str, False), "nodeid": (str, False)}
+FAIL_SCHEMA = {"nodeid": (str, True), "when": (str, True), "message": (str, True)}
+RATIO_SCHEMA = {
+    "kind": (str, True), "shape": (str, True), "pass": (str, True), "metric": (str, True), "name": (str, True),
+    "numerator": (str, True), "denominator": (str, True), "value": (_NUM, True), "better": (str, True),
+    "headline": (bool, True),
+}
+MACHINE_KEYS = ("cpu", "cores", "gpu", "torch", "triton", "cuda", "python", "platform")
+
+
+def _check(obj, schema: dict, where: str) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{where}: expected an object, got {type(obj).__name__}"]
+    problems = []
+    for key, (types, required) in schema.items():
+        if key not in obj:
+            if required:
+                problems.append(f"{where}: missing key {key!r}")
+        elif isinstance(obj[key], bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            problems.append(f"{where}.{key}: expected {types}, got bool")
+        elif not isinstance(obj[key], types):
+            problems.append(f"{where}.{key}: expected {types}, got {type(obj[key]).__name__}")
+    return problems
+
+
+def check_run(run) -> list[str]:
+    """Problems of ``run`` against :data:`RUN_SCHEMA` and the entry schemas (empty list: valid)."""
+    problems = _check(run, RUN_SCHEMA, "run")
+    if problems:
+        return problems
+    problems += [f"run.machine: missing key {k!r}" for k in MACHINE_KEYS if k not in run["machine"]]
+    for name, schema in (("results", RESULT_SCHEMA), ("skipped", SKIP_SCHEMA), ("failed", FAIL_SCHEMA),
+                         ("ratios", RATIO_SCHEMA)):
+        for i, entry in enumerate(run[name]):
+            problems += _check(entry, schema, f"run.{name}[{i}]")
+    return problems
+
+
+def load_run(path_or_run) -> dict:
+    """A run from a JSON file (or an already loaded dict), checked against the schema."""
+    if isinstance(path_or_run, dict):
+        run = path_or_run
+    else:
+        path = Path(path_or_run)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such benchmark run file: {path}")
+        run = json.loads(path.read_text())
+    problems = check_run(run)
+    if problems:
+        raise ValueError(f"{path_or_run if not isinstance(path_or_run, dict) else 'run'} is not a benchmark run: "
+                         + "; ".join(problems[:5]))
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Machine.
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info() -> dict:
+    """CPU model and cores, memory, GPU name if any, torch/triton/CUDA and peer versions (queried now, not at import).
+
+    ``load_average`` (1, 5, 15 min) is recorded because CPU timings on a shared machine are only as good as its
+    quiet."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": ram,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "entangle_fast": _version("entangle-fast"),
+        "pytest_benchmark": _version("pytest-benchmark"),
+        "peers": {d: _version(d) for d in ("trl", "liger-kernel", "cut-cross-entropy")},
+        "load_average": _loadavg(),
+    }
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((R|TM|tm|r)\)", "", text)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_slug(machine: dict, device: str) -> str:
+    """``cpu-2core`` on CPU runs, ``gpu-nvidia-h200`` on GPU runs: goes into file names."""
+    if device == "cuda" and machine.get("gpu"):
+        return "gpu-" + _slug(machine["gpu"])
+    return f"cpu-{machine.get('cores') or 0}core"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ratios.
+
+
+def _ours(impl: str) -> bool:
+    return impl.startswith("ours-")
+
+
+def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
+    """Every ratio of two measurements at the same (op, shape, pass) of one run.
+
+    Log-prob op: ``ours / X`` time and ``X / ours`` peak memory for each ``ours-*`` and each other implementation
+    (so below 1 is faster and above 1 is smaller for ours). Token statistics: stats-on / stats-off time and memory,
+    (stats-on - stats-off) / LM-head matmul time, stats-on / reference time, reference / stats-on memory, and the
+    per-token loop / stats-only (and / stats-on) speed-up. ``headline`` marks those the summary leads with.
+    """
+    at: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        at.setdefault((r["kind"], r["shape"], r["pass"]), {})[r["impl"]] = r
+    out = []
+
+    def add(kind, shape, pass_, metric, num, den, value, name, better, headline=False):
+        if value is None or value != value:  # missing or NaN
+            return
+        out.append({"kind": kind, "shape": shape, "pass": pass_, "metric": metric, "name": name, "numerator": num,
+                    "denominator": den, "value": float(value), "better": better, "headline": headline})
+
+    def t(r):
+        return r["time_ms"] if r and r.get("time_ms", 0) > 0 else None
+
+    def m(r):
+        return r["peak_memory_bytes"] if r and r.get("peak_memory_bytes") else None
+
+    def div(a, b):
+        return a / b if a is not None and b else None
+
+    for (kind, shape, pass_), impls in sorted(at.items()):
+        if kind == "logprobs":
+            for o in sorted(i for i in impls if _ours(i)):
+                for x in sorted(i for i in impls if not _ours(i)):
+                    head = o == ours_auto and x == "reference" and pass_ == "full"
+                    add(kind, shape, pass_, "time", o, x, div(t(impls[o]), t(impls[x])), f"{o} / {x} time",
+                        "lower", head)
+                    add(kind, shape, pass_, "memory", x, o, div(m(impls[x]), m(impls[o])),
+                        f"{x} / {o} peak memory", "higher", head)
+    stats = {}
+    for (kind, shape, _), impls in at.items():
+        if kind == "token_stats":
+            stats.setdefault(shape, {}).update(impls)
+    for shape, impls in sorted(stats.items()):
+        on, off, ref = impls.get("stats-on"), impls.get("stats-off"), impls.get("reference")
+        mm, only, loop = impls.get("lm-head-matmul"), impls.get("stats-only"), impls.get("loop")
+        k = "token_stats"
+        add(k, shape, "full", "time", "stats-on", "stats-off", div(t(on), t(off)), "stats-on / stats-off time",
+            "lower", True)
+        add(k, shape, "full", "memory", "stats-on", "stats-off", div(m(on), m(off)),
+            "stats-on / stats-off peak memory", "lower", True)
+        if t(on) and t(off):
+            add(k, shape, "full", "time", "stats-on - stats-off", "lm-head-matmul", div(t(on) - t(off), t(mm)),
+                "(stats-on - stats-off) / LM-head matmul time", "lower", True)
+        add(k, shape, "full", "time", "stats-on", "reference", div(t(on), t(ref)), "stats-on / reference time",
+            "lower")
+        add(k, shape, "full", "memory", "reference", "stats-on", div(m(ref), m(on)),
+            "reference / stats-on peak memory", "higher")
+        add(k, shape, "stats", "time", "loop", "stats-only", div(t(loop), t(only)),
+            "per-token loop / stats-only time (speed-up)", "higher", True)
+        add(k, shape, "stats", "time", "loop", "stats-on", div(t(loop), t(on)),
+            "per-token loop / stats-on full step time", "higher")
+        add(k, shape, "stats", "memory", "loop", "stats-only", div(m(loop), m(only)),
+            "per-token loop / stats-only peak memory", "higher")
+    return out
+
+
+def ceilings(results: list[dict]) -> dict[str, float]:
+    """Measured matmul TFLOP/s per dtype: the best plain matmul of the run."""
+    out: dict[str, float] = {}
+    for r in results:
+        if r["kind"] == "matmul" and r.get("tflops"):
+            out[r["dtype"]] = max(out.get(r["dtype"], 0.0), r["tflops"])
+    return out
+
+
+def build_run(preset: str, results: list[dict], skipped: list[dict], failed: list[dict], *, machine: dict | None = None,
+              created: str | None = None, exit_code: int | None = None) -> dict:
+    """Assemble the run dict from what the suites recorded; adds ceiling fractions and ratios."""
+    machine = machine if machine is not None else machine_info()
+    device = "cuda" if any(r.get("device") == "cuda" for r in results) else "cpu"
+    methods = {"timer": sorted({r["timer"] for r in results}) or ["perf-counter"],
+               "memory": sorted({r["memory_method"] for r in results}),
+               "memory_descriptions": _memory_descriptions(),
+               "flops": FLOPS_FORMULA}
+    ceiling = ceilings(results)
+    for r in results:
+        c = ceiling.get(r["dtype"])
+        r["ceiling_fraction"] = r["tflops"] / c if r.get("tflops") and c else None
+    ours_auto = "ours-triton" if device == "cuda" and machine.get("triton") else "ours-torch"
+    run = {"schema_version": SCHEMA_VERSION, "preset": preset,
+           "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "device": device, "machine": machine, "methods": methods, "ours_auto": ours_auto, "ceiling": ceiling,
+           "results": results, "skipped": skipped, "failed": failed, "ratios": compute_ratios(results, ours_auto)}
+    if exit_code is not None:
+        run["pytest_exit_code"] = int(exit_code)
+    return run
+
+
+def _memory_descriptions() -> dict:
+    return {
+        "cuda-max-memory-allocated": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
+        "memory_allocated() just before the op",
+        "linux-vmhwm": "fresh CPU subprocess per shape; per op: malloc_trim, reset peak RSS (/proc/self/clear_refs), "
+        "VmHWM minus VmRSS just before the op",
+        "ru-maxrss-vs-baseline": "one CPU subprocess per op: ru_maxrss minus that of a baseline subprocess doing the "
+        "same setup without the op",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summary and plots.
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:,.1f}"
+
+
+def _fmt(x, spec=".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_markdown(run: dict) -> str:
+    """The run as Markdown: machine, methods, headline ratios, every ratio, every measurement, skips, failures."""
+    mach = run["machine"]
+    lines = [f"# entangle_fast benchmarks: preset `{run['preset']}` on {machine_slug(mach, run['device'])}", "",
+             f"- run: {run['created']}, device `{run['device']}`",
+             f"- CPU: {mach.get('cpu')} ({mach.get('cores')} cores, {mach.get('torch_threads', '?')} torch threads)",
+             f"- load average (1/5/15 min) at start {mach.get('load_average_start') or '-'}, at end "
+             f"{mach.get('load_average') or '-'}",
+             f"- GPU: {mach.get('gpu') or 'none'}; torch {mach.get('torch')}, triton {mach.get('triton') or '-'}, "
+             f"CUDA {mach.get('cuda') or '-'}",
+             f"- timer: {', '.join(run['methods']['timer'])}; peak memory: "
+             + (", ".join(f"{m} ({run['methods'].get('memory_descriptions', {}).get(m, '')})"
+                          for m in run["methods"]["memory"]) or "-"),
+             f"- FLOPs: {run['methods'].get('flops', FLOPS_FORMULA)}",
+             "- matmul ceiling (measured this run): "
+             + (", ".join(f"{d} {v:.3g} TFLOP/s" for d, v in run["ceiling"].items()) or "-"),
+             f"- ours on this device (impl='auto'): `{run['ours_auto']}`", ""]
+    lines += ["## Headline ratios", "", "| op | shape | pass | ratio | value | better |", "|---|---|---|---|---:|---|"]
+    lines += [f"| {r['kind']} | {r['shape']} | {r['pass']} | {r['name']} | {r['value']:.3g} | {r['better']} |"
+              for r in run["ratios"] if r["headline"]]
+    lines += ["", "## All ratios", "", "| op | shape | pass | ratio | value |", "|---|---|---|---|---:|"]
+    lines += [f"| {r['kind']} | {r['shape']} | {r['pass']} | {r['name']} | {r['value']:.3g} |" for r in run["ratios"]]
+    lines += ["", "## Measurements", "",
+              "| group | impl | time ms (median) | CPU ms | rounds | peak extra MiB | TFLOP/s | of ceiling |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(run["results"], key=lambda r: (r["group"], r["impl"])):
+        frac = r.get("ceiling_fraction")
+        mem = _mib(r["peak_memory_bytes"]) if r["memory_error"] is None else f"error: {r['memory_error'][:60]}"
+        lines.append(f"| {r['group']} | {r['impl']} | {r['time_ms']:.4g} | {_fmt(r.get('cpu_time_ms'), '.4g')} | "
+                     f"{r['rounds']} | {mem} | "
+                     f"{_fmt(r['tflops'])} | {'-' if frac is None else f'{100 * frac:.0f}%'} |")
+    lines += ["", "## Skipped", ""]
+    if run["skipped"]:
+        reasons: dict[str, list[str]] = {}
+        for s in run["skipped"]:
+            reasons.setdefault(s["reason"], []).append(s["id"])
+        lines += ["| reason | cases |", "|---|---|"]
+        lines += [f"| {reason} | {len(ids)}: {', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''} |"
+                  for reason, ids in reasons.items()]
+    else:
+        lines.append("none")
+    if run["failed"]:
+        lines += ["", "## Failed", ""]
+        lines += [f"- `{f['nodeid']}` ({f['when']}): {f['message'][:300]}" for f in run["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def _sweeps(results: list[dict], varying: str) -> tuple[dict, list[dict]]:
+    """The log-prob results of the longest sweep of ``varying`` (``seq`` or ``vocab``) with all else fixed."""
+    series: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r["kind"] != "logprobs":
+            continue
+        p = r["shape_params"]
+        fixed = tuple((k, p[k]) for k in ("rows", "seq", "hidden", "vocab", "dtype") if k != varying)
+        series.setdefault(fixed, []).append(r)
+    if not series:
+        return {}, []
+    fixed, rows = max(series.items(), key=lambda kv: (len({r["shape_params"][varying] for r in kv[1]}), len(kv[1])))
+    return dict(fixed), rows
+
+
+def plot_run(run: dict, prefix: str | Path) -> list[Path]:
+    """``<prefix>-time.png`` and ``<prefix>-memory.png``: the log-prob op's time and peak memory against sequence
+    length (tokens N) and vocabulary size, one line per implementation and pass (full step solid, forward dashed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    prefix = Path(prefix)
+    written = []
+    impls = sorted({r["impl"] for r in run["results"] if r["kind"] == "logprobs"})
+    colour = {impl: f"C{i % 10}" for i, impl in enumerate(impls)}  # one colour per implementation in both figures
+    for metric, label, value in (("time", "time per call (ms)", lambda r: r["time_ms"]),
+                                 ("memory", "peak extra memory (MiB)",
+                                  lambda r: r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None)):
+        fig = Figure(figsize=(11, 4.2))
+        FigureCanvasAgg(fig)
+        for ax, varying, xlabel in zip(fig.subplots(1, 2), ("seq", "vocab"),
+                                       ("tokens N = rows x seq", "vocabulary size V")):
+            fixed, rows = _sweeps(run["results"], varying)
+            lines: dict[tuple, list] = {}
+            for r in rows:
+                if r["pass"] in ("full", "forward") and value(r) is not None:
+                    p = r["shape_params"]
+                    x = p["rows"] * p["seq"] if varying == "seq" else p["vocab"]
+                    lines.setdefault((r["impl"], r["pass"]), []).append((x, value(r)))
+            for (impl, pass_), pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if pass_ == "full" else "x",
+                        color=colour[impl], linestyle="-" if pass_ == "full" else "--", label=f"{impl} ({pass_})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_title(", ".join(f"{k}={v}" for k, v in fixed.items()) or "no log-prob results", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if lines:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"linear_logprobs {metric}: preset {run['preset']}, "
+                     f"{machine_slug(run['machine'], run['device'])}", fontsize=10)
+        fig.tight_layout()
+        path = prefix.parent / f"{prefix.name}-{metric}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Comparing two runs.
+
+
+def compare(a_json, b_json) -> dict:
+    """Runs A and B side by side: per measurement (same op, shape, pass, impl) ``B / A`` time and peak memory, and
+    per ratio of the same name the two values and ``B / A``. Arguments are paths or loaded run dicts."""
+    a, b = load_run(a_json), load_run(b_json)
+
+    def key(r):
+        return (r["kind"], r["shape"], r["pass"], r["impl"])
+
+    b_results = {key(r): r for r in b["results"]}
+    rows = []
+    for ra in a["results"]:
+        rb = b_results.get(key(ra))
+        if rb is None:
+            continue
+        ma, mb = ra["peak_memory_bytes"], rb["peak_memory_bytes"]
+        rows.append({"kind": ra["kind"], "shape": ra["shape"], "pass": ra["pass"], "impl": ra["impl"],
+                     "time_ms_a": ra["time_ms"], "time_ms_b": rb["time_ms"],
+                     "time_b_over_a": rb["time_ms"] / ra["time_ms"] if ra["time_ms"] else None,
+                     "memory_a": ma, "memory_b": mb, "memory_b_over_a": mb / ma if ma and mb is not None else None})
+    b_ratios = {(r["kind"], r["shape"], r["pass"], r["name"]): r for r in b["ratios"]}
+    ratios = []
+    for ra in a["ratios"]:
+        rb = b_ratios.get((ra["kind"], ra["shape"], ra["pass"], ra["name"]))
+        if rb is not None:
+            ratios.append({"kind": ra["kind"], "shape": ra["shape"], "pass": ra["pass"], "name": ra["name"],
+                           "a": ra["value"], "b": rb["value"],
+                           "b_over_a": rb["value"] / ra["value"] if ra["value"] else None})
+
+    def label(run):
+        return f"{run['preset']} @ {machine_slug(run['machine'], run['device'])} ({run['created']})"
+
+    return {"a": label(a), "b": label(b), "measurements": rows, "ratios": ratios}
+
+
+def compare_markdown(cmp: dict) -> str:
+    lines = [f"A: {cmp['a']}", f"B: {cmp['b']}", "",
+             "| op | shape | pass | impl | A ms | B ms | B/A time | A MiB | B MiB | B/A memory |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['kind']} | {r['shape']} | {r['pass']} | {r['impl']} | {r['time_ms_a']:.4g} | {r['time_ms_b']:.4g} "
+              f"| {_fmt(r['time_b_over_a'])} | {_mib(r['memory_a'])} | {_mib(r['memory_b'])} | "
+              f"{_fmt(r['memory_b_over_a'])} |" for r in cmp["measurements"]]
+    lines += ["", "| op | shape | pass | ratio | A | B | B/A |", "|---|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['kind']} | {r['shape']} | {r['pass']} | {r['name']} | {r['a']:.3g} | {r['b']:.3g} | "
+              f"{_fmt(r['b_over_a'])} |" for r in cmp["ratios"]]
+    if not cmp["measurements"] and not cmp["ratios"]:
+        lines.append("\n(no measurement or ratio in common)")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a preset.
+
+
+def benchmarks_dir() -> Path:
+    """The source checkout's ``benchmarks/`` folder (the suites are not installed with the package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (path / "conftest.py").is_file():
+        raise FileNotFoundError(f"the benchmark suites are not at {path}: `entangle-fast bench` runs from a source "
+                                "checkout (pip install -e .)")
+    return path
+
+
+def default_results_dir() -> Path:
+    return benchmarks_dir() / "results"
+
+
+class _Collector:
+    """pytest plugin: results from the suites' user_properties, skips with reasons, failures, a tqdm progress bar."""
+
+    def __init__(self, progress: bool, stream):
+        self.results: list[dict] = []
+        self.skipped: list[dict] = []
+        self.failed: list[dict] = []
+        self.cases: dict[str, dict] = {}
+        self.progress, self.stream, self.bar = progress, stream, None
+
+    def pytest_collection_finish(self, session):
+        for item in session.items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            found = [v.describe() for v in params.values() if hasattr(v, "describe")]
+            self.cases[item.nodeid] = found[0] if found else {"id": item.name}
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(session.items), desc="benchmarks", unit="case", file=self.stream,
+                            dynamic_ncols=True)
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and report.passed:
+            self.results += [v for k, v in report.user_properties if k == RESULT_KEY]
+        elif report.skipped and report.when in ("setup", "call"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+            self.skipped.append({**self.cases.get(report.nodeid, {"id": report.nodeid}), "nodeid": report.nodeid,
+                                 "reason": reason})
+        elif report.failed:
+            self.failed.append({"nodeid": report.nodeid, "when": report.when, "message": report.longreprtext[-3000:]})
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.cases.get(nodeid, {}).get("id", nodeid)[-60:], refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class RunFiles:
+    """What :func:`run_preset` wrote; ``ok`` when pytest passed and nothing failed."""
+
+    json: Path
+    markdown: Path
+    plots: list[Path]
+    log: Path
+    exit_code: int
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+def run_preset(preset: str, out_dir: str | Path, *, keyword: str | None = None, progress: bool = True,
+               pytest_args: tuple[str, ...] = ()) -> RunFiles:
+    """Run the suites at ``preset`` through pytest-benchmark in this process, then write into ``out_dir``:
+    ``<machine>-<date>.json`` (the run; ``<machine>-<preset>-<date>`` for the smoke preset), ``.md`` (summary) and
+    ``-time.png``/``-memory.png``. pytest's own output goes to a log file (its path is returned). ``smoke`` runs each
+    case once (``--benchmark-disable``). Call it once per process: pytest caches the suites' modules."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None or importlib.util.find_spec("pytest_benchmark") is None:
+        raise ImportError("running benchmarks needs pytest and pytest-benchmark: pip install 'entangle-fast[test]'")
+    import pytest
+
+    suites = benchmarks_dir()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [str(suites), "-q", "-s", "-p", "no:cacheprovider", f"--bench-preset={preset}", *pytest_args]
+    if preset == "smoke":
+        args.append("--benchmark-disable")
+    if keyword:
+        args += ["-k", keyword]
+    progress_stream = sys.stderr
+    collector = _Collector(progress, progress_stream)
+    load_start = _loadavg()
+    fd, log_name = tempfile.mkstemp(prefix="entangle-fast-bench-", suffix=".log")
+    log = Path(log_name)
+    with os.fdopen(fd, "w") as log_file, contextlib.redirect_stdout(log_file):
+        try:
+            code = int(pytest.main(args, plugins=[collector]))
+        finally:
+            collector.close()
+    machine = machine_info()  # torch_threads: what the suites ran with (--bench-threads sets it in this process)
+    machine["load_average_start"] = load_start
+    run = build_run(preset, collector.results, collector.skipped, collector.failed, machine=machine, exit_code=code)
+    stamp = datetime.now().strftime("%Y-%m-%dT%H%M")
+    slug = machine_slug(run["machine"], run["device"])
+    stem = f"{slug}-{stamp}" if preset in ("cpu", "gpu") else f"{slug}-{preset}-{stamp}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(run, indent=1) + "\n")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(summary_markdown(run))
+    plots = plot_run(run, out_dir / stem) if run["results"] else []
+    counts = {"results": len(run["results"]), "skipped": len(run["skipped"]), "failed": len(run["failed"])}
+    return RunFiles(json_path, md_path, plots, log, code, counts)
