@@ -42,7 +42,7 @@ from entangle_fast.losses import dpo_loss
 from entangle_fast.mitigations import normalized_pairwise_gradients
 from entangle_fast.models import TinyConfig, build_tokenizer, tiny_model
 from entangle_fast.monitor import EntanglementMonitor
-from entangle_fast.preference import IGNORE_INDEX, preference_logprobs
+from entangle_fast.preference import IGNORE_INDEX, collate_rows, preference_logprobs
 
 METHODS = ("dpo", "normalized")
 
@@ -145,13 +145,7 @@ def encode_preference_batch(tokenizer, pairs: list[dict[str, str]]) -> dict[str,
                 raise ValueError(f"the {side} response {ex[side]!r} encodes to no tokens")
             rows.append(prompt + response)
             labels.append([IGNORE_INDEX] * len(prompt) + response)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
-    }
+    return collate_rows(rows, labels, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

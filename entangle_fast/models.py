@@ -132,10 +132,6 @@ def encode_pairs(tokenizer, pairs: list[dict], *, max_length: int | None = None)
             ids = (prompt + response)[:max_length] if max_length else prompt + response
             rows.append(ids)
             labels.append(([-100] * len(prompt) + response)[: len(ids)])
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
-    }
+    from entangle_fast.preference import collate_rows
+
+    return collate_rows(rows, labels, tokenizer.pad_token_id)

@@ -57,6 +57,20 @@ class PreferenceLogprobs:
     token_stats: TokenStatsHandle | None = None
 
 
+def collate_rows(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ``[R, T]`` from token rows.
+
+    ``rows[r]`` is prompt + response token ids, ``labels[r]`` the same length with -100 on the prompt; rows follow
+    TRL's concatenated layout when the caller lists the B chosen rows first, then the B rejected ones.
+    """
+    width = max(len(r) for r in rows)
+    return {
+        "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
+    }
+
+
 def _concat_split_batch(batch: dict) -> dict:
     """TRL 0.12-0.28 keys (prompt, chosen, rejected apart) to one ``[2B, P + C]`` batch with labels."""
     p_ids, p_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]

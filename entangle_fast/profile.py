@@ -53,7 +53,13 @@ from torch import Tensor, nn
 from entangle_fast.logprobs import linear_logprobs, output_layer_token_stats
 from entangle_fast.monitor.coverage import Coverage, build_coverage, resolve_params
 from entangle_fast.monitor.reductions import compute_dtype
-from entangle_fast.preference import IGNORE_INDEX, backbone_hidden_states, normalize_batch, output_head
+from entangle_fast.preference import (
+    IGNORE_INDEX,
+    backbone_hidden_states,
+    collate_rows,
+    normalize_batch,
+    output_head,
+)
 
 # Bytes of per-token factors a pair may hold (rejected-side block plus one chosen chunk and its batched backward).
 DEFAULT_MEMORY_BUDGET = 2 << 30
@@ -1031,13 +1037,7 @@ def encode_pair(tokenizer, pair: dict, *, device=None) -> dict:
             raise ValueError(f"the {side} response encodes to no token")
         rows.append(prompt + response)
         labels.append([IGNORE_INDEX] * len(prompt) + response)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
-    }
+    batch = collate_rows(rows, labels, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
