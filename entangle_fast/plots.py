@@ -20,6 +20,15 @@ _CELL_INCHES = 0.26
 _MAX_INCHES = 40.0
 
 
+
+def _save(fig, path) -> Path:
+    """Lay out and write the figure, creating its folder."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
 def _as_array(matrix) -> np.ndarray:
     if hasattr(matrix, "detach"):
         matrix = matrix.detach().to("cpu").double().numpy()
@@ -98,11 +107,7 @@ def token_heatmap(matrix, chosen_tokens: list[str], rejected_tokens: list[str], 
     cbar = fig.colorbar(image, ax=ax, fraction=0.046 if tl > 8 else 0.1, pad=0.02)
     if cbar_label:
         cbar.set_label(cbar_label)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def position_heatmap(matrix, chosen_tokens: Sequence[str], rejected_tokens: Sequence[str], *, title: str, path,
@@ -133,8 +138,4 @@ def layer_bar_chart(values: Mapping[str, float], *, title: str, path, xlabel: st
     ax.set_title(title, fontsize=10)
     if xlabel:
         ax.set_xlabel(xlabel)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
