@@ -63,3 +63,42 @@ def assert_exact64(actual, expected, *, rtol: float = 1e-9, name="value"):
 def first_index(mask: torch.Tensor):
     nz = torch.nonzero(mask)
     return tuple(nz[0].tolist()) if len(nz) else None
+
+
+def launcher_inputs(n, v, d, dtype, with_bias, seed, *, device, ignore_index=-100):
+    """Seeded inputs of the ``logprob_fwd``/``logprob_bwd`` launcher contract, logits of a few units.
+
+    Returns ``(hidden [N, d], weight [V, d], bias [V] | None, labels [N], grad fp32 [N])`` on ``device``; rows 0,
+    N // 2 and N - 1 are ignored when N > 2. The float inputs are rounded to ``dtype`` first, so a float64 truth built
+    from them measures the computation, not the cast.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * (2.0 / d**0.5)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.5 if with_bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    if n > 2:
+        labels[[0, n // 2, n - 1]] = ignore_index
+    grad = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def cast(t):
+        return None if t is None else t.to(dtype).to(device).contiguous()
+
+    return cast(hidden), cast(weight), cast(bias), labels.to(device), grad.to(torch.float32).to(device)
+
+
+def launcher_reference(h, w, b, labels, g, ignore_index=-100):
+    """The launcher contract's outputs through ``linear_logprobs_reference``, in ``h``'s dtype (upcast to fp32).
+
+    Returns ``(logprobs, dL/dh, dL/dW, dL/db | None, r = dl/dh unscaled, p)`` for L = sum g * logprobs, with ``p`` the
+    softmax probabilities, zero on ignored rows.
+    """
+    from entangle_fast.reference import linear_logprobs_reference
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b) if t is not None]
+    out = linear_logprobs_reference(leaves[0], leaves[1], labels, leaves[2] if b is not None else None, ignore_index)
+    grads = torch.autograd.grad((g.to(out.dtype) * out).sum(), leaves, retain_graph=True)
+    (r,) = torch.autograd.grad(out.sum(), leaves[:1])
+    logits = (h @ w.T + (b if b is not None else 0)).to(out.dtype)
+    p = torch.softmax(logits, dim=-1) * (labels != ignore_index)[:, None]
+    return out.detach(), grads[0], grads[1], grads[2] if b is not None else None, r, p

@@ -20,7 +20,7 @@ from entangle_fast import _cuda
 from entangle_fast._backend import resolve_impl
 from entangle_fast.ghost import ghost_gram_reference
 from entangle_fast.reference import linear_logprobs_reference
-from helpers import assert_close_to_reference, first_index
+from helpers import assert_close_to_reference, first_index, launcher_inputs, launcher_reference
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
@@ -264,28 +264,13 @@ def _triton_fns():
 
 
 def _inputs(N, V, d, dtype, with_bias, seed):
-    """Seeded random inputs with logits of a few units; three rows ignored when N > 2."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, d, generator=gen, dtype=torch.float64)
-    weight = torch.randn(V, d, generator=gen, dtype=torch.float64) * (2.0 / d**0.5)
-    bias = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if with_bias else None
-    labels = torch.randint(0, V, (N,), generator=gen)
-    if N > 2:
-        labels[[0, N // 2, N - 1]] = IGNORE
-    grad = torch.randn(N, generator=gen, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype).cuda().contiguous()  # noqa: E731
-    return cast(hidden), cast(weight), cast(bias), labels.cuda(), grad.float().cuda()
+    return launcher_inputs(N, V, d, dtype, with_bias, seed, device="cuda", ignore_index=IGNORE)
 
 
 def _reference(h, w, b, labels, g):
     """(logprobs, r = dl/dh unscaled, dL/dW, dL/db, p) of L = sum g l through the reference, in h's dtype."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b) if t is not None]
-    out = linear_logprobs_reference(leaves[0], leaves[1], labels, leaves[2] if b is not None else None, IGNORE)
-    grads = torch.autograd.grad((g.to(out.dtype) * out).sum(), leaves, retain_graph=True)
-    (r,) = torch.autograd.grad(out.sum(), leaves[:1])
-    logits = (h @ w.T + (b if b is not None else 0)).to(out.dtype)
-    p = torch.softmax(logits, dim=-1) * (labels != IGNORE)[:, None]
-    return out.detach(), r, grads[1], grads[2] if b is not None else None, p
+    out, _, gw, gb, r, p = launcher_reference(h, w, b, labels, g, IGNORE)
+    return out, r, gw, gb, p
 
 
 def _check(name, got, truth, lowp):

@@ -17,8 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="requires_triton: Triton is not installed")
 
 from entangle_fast.kernels import HAS_TRITON, logprob_bwd, logprob_fwd  # noqa: E402
-from entangle_fast.reference import linear_logprobs_reference  # noqa: E402
-from helpers import assert_close_to_reference  # noqa: E402
+from helpers import assert_close_to_reference, launcher_inputs, launcher_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
@@ -37,36 +36,13 @@ CASES = [
 
 
 def _inputs(N, V, d, dtype, with_bias, seed, ignore_index=IGNORE):
-    """Seeded random inputs with logits of order a few units; rows 0, N // 2 and N - 1 ignored when N > 2."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, d, generator=gen, dtype=torch.float64)
-    weight = torch.randn(V, d, generator=gen, dtype=torch.float64) * (2.0 / d**0.5)
-    bias = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if with_bias else None
-    labels = torch.randint(0, V, (N,), generator=gen)
-    if N > 2:
-        labels[0] = ignore_index
-        labels[-1] = ignore_index
-        labels[N // 2] = ignore_index
-    grad = torch.randn(N, generator=gen, dtype=torch.float64)
-
-    def cast(t):
-        return None if t is None else t.to(dtype).to(DEVICE).contiguous()
-
-    # The float64 truth sees the same rounded inputs as the kernel: we measure the computation, not the cast.
-    h, w, b = cast(hidden), cast(weight), cast(bias)
-    return h, w, b, labels.to(DEVICE), grad.to(torch.float32).to(DEVICE)
+    return launcher_inputs(N, V, d, dtype, with_bias, seed, device=DEVICE, ignore_index=ignore_index)
 
 
 def _reference_grads(h, w, b, labels, g, ignore_index):
     """(logprobs, dL/dh, dL/dW, dL/db, R) of L = sum g * logprobs through the reference, in h's dtype."""
-    leaves = [h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)]
-    if b is not None:
-        leaves.append(b.detach().clone().requires_grad_(True))
-    out = linear_logprobs_reference(leaves[0], leaves[1], labels, leaves[2] if b is not None else None, ignore_index)
-    grads = torch.autograd.grad((g.to(out.dtype) * out).sum(), leaves, retain_graph=True)
-    (r,) = torch.autograd.grad(out.sum(), leaves[:1])
-    gb = grads[2] if b is not None else None
-    return out.detach(), grads[0], grads[1], gb, r
+    out, gh, gw, gb, r, _ = launcher_reference(h, w, b, labels, g, ignore_index)
+    return out, gh, gw, gb, r
 
 
 def _truth_and_torch(h, w, b, labels, g, ignore_index=IGNORE):
