@@ -100,7 +100,9 @@ void logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   check_fp32(lse, hidden, "lse", {N});
   check_fp32(grad_logprobs, hidden, "grad_logprobs", {N});
   check_fp32(grad_hidden_unscaled, hidden, "grad_hidden_unscaled", {N, D});
-  if (grad_weight.has_value()) check_fp32(*grad_weight, hidden, "grad_weight", {V, D});
+  // grad_weight: the whole [V, D] gradient, or a [width, D] buffer for the range (row 0 holds vocab_start).
+  const bool gw_range = grad_weight.has_value() && grad_weight->dim() == 2 && grad_weight->size(0) == width;
+  if (grad_weight.has_value()) check_fp32(*grad_weight, hidden, "grad_weight", {gw_range ? width : V, D});
   if (grad_bias.has_value()) check_fp32(*grad_bias, hidden, "grad_bias", {V});
   int64_t probs_stride = width;
   if (probs_out.has_value()) {
@@ -133,7 +135,8 @@ void logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight, const at::T
                           D,
                           vocab_start,
                           vocab_end,
-                          ignore_index};
+                          ignore_index,
+                          gw_range ? vocab_start : 0};
   C10_CUDA_CHECK(ef::logprob_bwd(args, c10::cuda::getCurrentCUDAStream().stream()));
 }
 

@@ -50,11 +50,12 @@ struct LogprobBwdArgs {
   const float* lse;              // [N]
   const float* grad_logprobs;    // [N]
   float* grad_hidden_unscaled;   // [N, D], added to
-  float* grad_weight;            // [V, D], added to, or nullptr
+  float* grad_weight;            // rows [grad_weight_row0, vocab_end) of a [V, D] gradient, added to, or nullptr
   float* grad_bias;              // [V], added to, or nullptr
   float* probs_out;              // [N, vocab_end - vocab_start] with row stride probs_row_stride, or nullptr
   int64_t probs_row_stride;
   int64_t N, V, D, vocab_start, vocab_end, ignore_index;
+  int64_t grad_weight_row0;      // the vocabulary entry in row 0 of grad_weight (0, or vocab_start for a range buffer)
 };
 
 cudaError_t logprob_bwd(const LogprobBwdArgs& args, cudaStream_t stream);

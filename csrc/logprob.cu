@@ -251,7 +251,9 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
         const int r = e / kTile, c = e % kTile;
-        if (r < ncols && d0 + c < D) atomicAdd(p.grad_weight + (v0 + r) * D + d0 + c, Cs[r * kLdC + c]);
+        if (r < ncols && d0 + c < D) {
+          atomicAdd(p.grad_weight + (v0 + r - p.grad_weight_row0) * D + d0 + c, Cs[r * kLdC + c]);
+        }
       }
     }
     __syncthreads();  // Ws, Hs and Cs are rewritten by the next slice

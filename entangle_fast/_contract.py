@@ -62,13 +62,18 @@ def check_logprob_inputs(hidden, weight, labels, bias) -> tuple[int, int, int, l
 
 def check_logprob_bwd_buffers(n, v, d, named, *, lse, grad_logprobs, grad_hidden_unscaled, grad_weight, grad_bias,
                               vocab_start, vocab_end, probs_out) -> int:
-    """The buffers and vocabulary range of ``logprob_bwd``; appends them to ``named`` and returns the range width."""
+    """The buffers and vocabulary range of ``logprob_bwd``; appends them to ``named`` and returns the range width.
+
+    ``grad_weight`` is ``[V, d]`` (row v holds vocabulary entry v) or ``[vocab_end - vocab_start, d]`` (row 0 holds
+    ``vocab_start``): a buffer for the range only, so a caller can accumulate a low-precision weight's gradient in
+    fp32 one vocabulary chunk at a time (see :func:`grad_weight_row0`)."""
     if not (isinstance(vocab_start, int) and isinstance(vocab_end, int) and 0 <= vocab_start <= vocab_end <= v):
         raise ValueError(f"vocab_start, vocab_end must be ints with 0 <= start <= end <= V={v}, "
                          f"got {vocab_start}, {vocab_end}")
     width = vocab_end - vocab_start
+    gw_rows = width if grad_weight is not None and grad_weight.ndim == 2 and grad_weight.shape[0] == width else v
     buffers = [("lse", lse, (n,)), ("grad_logprobs", grad_logprobs, (n,)),
-               ("grad_hidden_unscaled", grad_hidden_unscaled, (n, d)), ("grad_weight", grad_weight, (v, d)),
+               ("grad_hidden_unscaled", grad_hidden_unscaled, (n, d)), ("grad_weight", grad_weight, (gw_rows, d)),
                ("grad_bias", grad_bias, (v,)), ("probs_out", probs_out, (n, width))]
     for name, t, shape in buffers:
         if t is None and name in ("grad_weight", "grad_bias", "probs_out"):
@@ -76,3 +81,11 @@ def check_logprob_bwd_buffers(n, v, d, named, *, lse, grad_logprobs, grad_hidden
         check_fp32(name, t, shape)
         named.append((name, t))
     return width
+
+
+def grad_weight_row0(grad_weight, vocab_start: int, vocab_end: int) -> int:
+    """The vocabulary entry held by row 0 of a checked ``grad_weight``: ``vocab_start`` for a range-sized buffer,
+    else 0 (the two agree when the range is the whole vocabulary)."""
+    if grad_weight is None:
+        return 0
+    return vocab_start if grad_weight.shape[0] == vocab_end - vocab_start else 0

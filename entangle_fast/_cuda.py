@@ -236,7 +236,8 @@ def cuda_logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_in
     """Accumulate the log-prob gradients of vocab columns [vocab_start, vocab_end) into fp32 buffers (CUDA C++).
 
     The contract of ``entangle_fast.kernels.logprob.logprob_bwd``: grad_hidden_unscaled [N, d] += du @ W[range],
-    grad_weight [V, d] += (g du)^T @ hidden (rows in range; or None), grad_bias [V] += sum_n g du (or None),
+    grad_weight [V, d] (or [vocab_end - vocab_start, d], row 0 holding vocab_start) += (g du)^T @ hidden (rows in
+    range; or None), grad_bias [V] += sum_n g du (or None),
     probs_out [N, vocab_end - vocab_start] = p (0.0 on ignored rows; or None).
     """
     n, v, d, named = check_logprob_inputs(hidden, weight, labels, bias)

@@ -25,50 +25,73 @@ from entangle_fast.token_stats import (
     resolve_pairs,
 )
 
-# The PyTorch path works on [rows, vocab] tiles of at most this many elements (64 MiB in fp32), whatever N is.
-TORCH_TILE_ELEMENTS = 1 << 24
-TORCH_VOCAB_TILE = 8192
+# The PyTorch path works on [rows, vocab] logit tiles of at most this many elements (16 MiB in fp32), whatever N is.
+# Vocabulary tiles are the outer loop: each weight tile is read (and, for bf16/fp16, converted) once, and its weight
+# gradient is complete after one sweep over the rows, so it is written straight into the output dtype.
+TORCH_TILE_ELEMENTS = 1 << 22
+TORCH_VOCAB_TILE = 4096
 # The statistics path holds one [N, V_chunk] probability chunk; V_chunk is a multiple of TORCH_VOCAB_TILE so the
 # PyTorch backend's gradients are bit-identical with and without statistics.
 STATS_CHUNK_ELEMENTS = 1 << 26
+# The kernels' fp32 weight-gradient buffer for bf16/fp16 weights: one vocabulary chunk of at most this many elements
+# (128 MiB), rounded into the output after each chunk.
+GRAD_WEIGHT_CHUNK_ELEMENTS = 1 << 25
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_chunk() -> int:
+    return max(1, TORCH_TILE_ELEMENTS // TORCH_VOCAB_TILE)
+
+
 def _torch_tiles(n: int, v0: int, v1: int):
-    """Row chunks and vocabulary tiles of the PyTorch path: tiles bounded by TORCH_TILE_ELEMENTS."""
-    rows = max(1, TORCH_TILE_ELEMENTS // TORCH_VOCAB_TILE)
-    for r0 in range(0, n, rows):
-        for c0 in range(v0, v1, TORCH_VOCAB_TILE):
+    """Vocabulary tiles (outer) and row chunks (inner) of the PyTorch path: ``(rows, c0, c1)`` with
+    ``len(rows) * (c1 - c0) <= TORCH_TILE_ELEMENTS``."""
+    rows = _row_chunk()
+    for c0 in range(v0, v1, TORCH_VOCAB_TILE):
+        for r0 in range(0, n, rows):
             yield slice(r0, min(r0 + rows, n)), c0, min(c0 + TORCH_VOCAB_TILE, v1)
 
 
-def _torch_logits(hidden, weight, bias, rows, c0, c1):
+def _torch_logits(hidden, weight, bias, rows, c0, c1, weight_tile=None):
+    """``[rows, c1 - c0]`` logits in the compute dtype; ``weight_tile`` is ``weight[c0:c1]`` already converted."""
     cdt = _compute_dtype(hidden.dtype)
-    z = hidden[rows].to(cdt) @ weight[c0:c1].to(cdt).T
-    return z + bias[c0:c1].to(cdt) if bias is not None else z
+    w = weight[c0:c1].to(cdt) if weight_tile is None else weight_tile
+    h = hidden[rows].to(cdt)
+    if bias is not None:
+        return torch.addmm(bias[c0:c1].to(cdt), h, w.T)
+    return h @ w.T
 
 
 def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index):
-    """PyTorch path of the forward contract: returns ``(logprobs [N], lse [N])`` in fp32 (fp64 for fp64 inputs)."""
+    """PyTorch path of the forward contract: returns ``(logprobs [N], lse [N])`` in fp32 (fp64 for fp64 inputs).
+
+    Online log-sum-exp over vocabulary tiles; each tile is exponentiated in place, so one tile is alive at a time.
+    """
     n, v = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     running_max = torch.full((n,), float("-inf"), dtype=cdt, device=hidden.device)
     running_sum = torch.zeros(n, dtype=cdt, device=hidden.device)
     target = torch.zeros(n, dtype=cdt, device=hidden.device)
-    for rows, c0, c1 in _torch_tiles(n, 0, v):
-        z = _torch_logits(hidden, weight, bias, rows, c0, c1)
-        new_max = torch.maximum(running_max[rows], z.max(dim=1).values)
-        running_sum[rows] = running_sum[rows] * torch.exp(running_max[rows] - new_max) + torch.exp(
-            z - new_max[:, None]
-        ).sum(dim=1)
-        running_max[rows] = new_max
-        lab = labels[rows]
-        inside = (lab >= c0) & (lab < c1)
-        picked = z.gather(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
-        target[rows] = torch.where(inside, picked, target[rows])
+    rows_per_chunk = _row_chunk()
+    for c0 in range(0, v, TORCH_VOCAB_TILE):
+        c1 = min(c0 + TORCH_VOCAB_TILE, v)
+        w = weight[c0:c1].to(cdt)
+        for r0 in range(0, n, rows_per_chunk):
+            rows = slice(r0, min(r0 + rows_per_chunk, n))
+            z = _torch_logits(hidden, weight, bias, rows, c0, c1, w)
+            lab = labels[rows]
+            inside = (lab >= c0) & (lab < c1)
+            if bool(inside.any()):
+                picked = z.gather(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+                target[rows] = torch.where(inside, picked, target[rows])
+            old_max = running_max[rows]
+            new_max = torch.maximum(old_max, z.amax(dim=1))
+            tile_sum = z.sub_(new_max[:, None]).exp_().sum(dim=1)
+            running_sum[rows] = running_sum[rows] * torch.exp(old_max - new_max) + tile_sum
+            running_max[rows] = new_max
     lse = running_max + torch.log(running_sum)
     logprobs = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
     return logprobs, lse
@@ -78,28 +101,45 @@ def torch_logprob_bwd(
     hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
     grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out,
 ):
-    """PyTorch path of the backward contract (see ``kernels/logprob.py``): accumulates in place into the fp32/fp64
-    buffers ``grad_hidden_unscaled [N, d]``, ``grad_weight [V, d]``, ``grad_bias [V]`` over vocab ``[vocab_start,
-    vocab_end)``, and writes ``probs_out [N, vocab_end - vocab_start]`` when given."""
+    """PyTorch path of the backward contract (see ``kernels/logprob.py``): adds into ``grad_hidden_unscaled [N, d]``
+    (compute dtype), ``grad_weight [V, d]`` and ``grad_bias [V]`` over vocab ``[vocab_start, vocab_end)``, and writes
+    ``probs_out [N, vocab_end - vocab_start]`` when given.
+
+    Unlike the kernels, ``grad_weight`` may have the weight's own dtype: each vocabulary tile's weight gradient is
+    summed over all rows in the compute dtype and added once, so a zero-filled bf16 buffer receives the rounded sums.
+    """
     cdt = _compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
     valid = labels != ignore_index
-    for rows, c0, c1 in _torch_tiles(hidden.shape[0], vocab_start, vocab_end):
-        z = _torch_logits(hidden, weight, bias, rows, c0, c1)
-        p = torch.exp(z - lse[rows, None].to(cdt)) * valid[rows, None]
-        if probs_out is not None:
-            probs_out[rows, c0 - vocab_start : c1 - vocab_start] = p
-        lab = labels[rows]
-        inside = valid[rows] & (lab >= c0) & (lab < c1)
-        du = -p
-        hit = torch.nonzero(inside).flatten()
-        du[hit, lab[hit] - c0] += 1.0
-        grad_hidden_unscaled[rows] += du @ weight[c0:c1].to(cdt)
-        if grad_weight is not None or grad_bias is not None:
-            gdu = du * grad_logprobs[rows, None].to(cdt)
-            if grad_weight is not None:
-                grad_weight[c0:c1] += gdu.T @ hidden[rows].to(cdt)
-            if grad_bias is not None:
-                grad_bias[c0:c1] += gdu.sum(dim=0)
+    # exp(z - inf) = 0: ignored rows get zero probabilities without a masking pass over every tile.
+    lse_masked = torch.where(valid, lse.to(cdt), torch.full_like(lse, float("inf"), dtype=cdt))
+    g = grad_logprobs.to(cdt)
+    rows_per_chunk = _row_chunk()
+    for c0 in range(vocab_start, vocab_end, TORCH_VOCAB_TILE):
+        c1 = min(c0 + TORCH_VOCAB_TILE, vocab_end)
+        w = weight[c0:c1].to(cdt)
+        acc = None
+        if grad_weight is not None:
+            acc = grad_weight[c0:c1] if grad_weight.dtype == cdt else torch.zeros(c1 - c0, w.shape[1], dtype=cdt,
+                                                                                   device=w.device)
+        for r0 in range(0, n, rows_per_chunk):
+            rows = slice(r0, min(r0 + rows_per_chunk, n))
+            du = _torch_logits(hidden, weight, bias, rows, c0, c1, w).sub_(lse_masked[rows, None]).exp_()
+            if probs_out is not None:
+                probs_out[rows, c0 - vocab_start : c1 - vocab_start] = du
+            du.neg_()  # du = e_y - p
+            lab = labels[rows]
+            hit = torch.nonzero(valid[rows] & (lab >= c0) & (lab < c1)).flatten()
+            du[hit, lab[hit] - c0] += 1.0
+            grad_hidden_unscaled[rows].addmm_(du, w)
+            if acc is not None or grad_bias is not None:
+                gdu = du.mul_(g[rows, None])
+                if acc is not None:
+                    acc.addmm_(gdu.T, hidden[rows].to(cdt))
+                if grad_bias is not None:
+                    grad_bias[c0:c1] += gdu.sum(dim=0)
+        if acc is not None and grad_weight.dtype != cdt:
+            grad_weight[c0:c1] += acc
 
 
 def _backend_fns(impl: str):
@@ -115,12 +155,15 @@ def _backend_fns(impl: str):
     return torch_logprob_fwd, torch_logprob_bwd
 
 
-def _vocab_chunks(n: int, v: int, with_stats: bool):
-    """Vocabulary ranges of the backward: one range without statistics; chunks holding at most
-    STATS_CHUNK_ELEMENTS probabilities (a multiple of TORCH_VOCAB_TILE columns) with them."""
-    if not with_stats:
-        return [(0, v)]
-    cols = max(TORCH_VOCAB_TILE, (STATS_CHUNK_ELEMENTS // max(n, 1)) // TORCH_VOCAB_TILE * TORCH_VOCAB_TILE)
+def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None):
+    """Vocabulary ranges of the backward: one range, unless statistics are asked for (chunks holding at most
+    STATS_CHUNK_ELEMENTS probabilities) or ``max_cols`` caps the width; widths are multiples of TORCH_VOCAB_TILE."""
+    cols = v
+    if with_stats:
+        cols = (STATS_CHUNK_ELEMENTS // max(n, 1)) // TORCH_VOCAB_TILE * TORCH_VOCAB_TILE
+    if max_cols is not None:
+        cols = min(cols, max_cols // TORCH_VOCAB_TILE * TORCH_VOCAB_TILE)
+    cols = max(TORCH_VOCAB_TILE, cols) if cols < v else v
     return [(c0, min(c0 + cols, v)) for c0 in range(0, v, cols)]
 
 
@@ -130,24 +173,40 @@ def fused_backward(
 ):
     """One pass of the fused backward over the whole vocabulary.
 
-    Returns ``(r [N, d], grad_weight [V, d] | None, grad_bias [V] | None)`` in the compute dtype; when ``layout`` is
-    given, each vocabulary chunk's probabilities are added to its pair products before the next chunk overwrites them.
+    Returns ``(r [N, d], grad_weight [V, d] | None, grad_bias [V] | None)``: ``r`` and ``grad_bias`` in the compute
+    dtype, ``grad_weight`` in the weight's dtype. When ``layout`` is given, each vocabulary chunk's probabilities are
+    added to its pair products before the next chunk overwrites them.
+
+    The kernels add into fp32 with atomics. For a bf16/fp16 weight they do so one vocabulary chunk at a time into an
+    fp32 buffer of at most GRAD_WEIGHT_CHUNK_ELEMENTS, rounded into the output after each chunk, rather than into a
+    [V, d] fp32 copy of the gradient (2 GiB at V = 128256, d = 4096). The PyTorch path completes each vocabulary
+    tile over all rows before adding it, so it writes any dtype directly.
     """
     _, bwd = _backend_fns(impl)
     n, v = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     r = torch.zeros(n, hidden.shape[1], dtype=cdt, device=hidden.device)
-    gw = torch.zeros(v, weight.shape[1], dtype=cdt, device=hidden.device) if need_weight_grad else None
+    gw = torch.zeros(v, weight.shape[1], dtype=weight.dtype, device=hidden.device) if need_weight_grad else None
     gb = torch.zeros(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
-    chunks = _vocab_chunks(n, v, layout is not None)
-    probs = None
+    staged = gw is not None and impl != "torch" and weight.dtype != cdt
+    max_cols = max(1, GRAD_WEIGHT_CHUNK_ELEMENTS // max(weight.shape[1], 1)) if staged else None
+    chunks = _vocab_chunks(n, v, layout is not None, max_cols)
+    widest = max(c1 - c0 for c0, c1 in chunks)
+    probs = stage = None
     if layout is not None:  # one flat buffer, so that every chunk, the shorter last one too, is a contiguous [N, cols]
-        probs = torch.empty(n * (chunks[0][1] - chunks[0][0]), dtype=cdt, device=hidden.device)
+        probs = torch.empty(n * widest, dtype=cdt, device=hidden.device)
+    if staged:
+        stage = torch.empty(widest, weight.shape[1], dtype=cdt, device=hidden.device)
     for v0, v1 in chunks:
         chunk_probs = probs[: n * (v1 - v0)].view(n, v1 - v0) if probs is not None else None
+        chunk_gw = gw
+        if staged:
+            chunk_gw = stage[: v1 - v0].zero_()
         bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
-            grad_hidden_unscaled=r, grad_weight=gw, grad_bias=gb,
+            grad_hidden_unscaled=r, grad_weight=chunk_gw, grad_bias=gb,
             vocab_start=v0, vocab_end=v1, probs_out=chunk_probs)
+        if staged:
+            gw[v0:v1] = chunk_gw
         if layout is not None:
             layout.accumulate(chunk_probs)
     return r, gw, gb
@@ -193,8 +252,9 @@ class LinearLogprobFunction(torch.autograd.Function):
             for listener in req.listeners:
                 listener(BackwardRecord(hidden, weight, bias, labels, lse, g, ctx.ignore_index,
                                         tuple(req.labels_2d.shape), stats))
-        grad_hidden = (g[:, None] * r).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = gw.to(weight.dtype) if gw is not None else None
+        # r is not read after this point: scale it in place (an [N, d] fp32 buffer less at the peak).
+        grad_hidden = r.mul_(g[:, None]).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = gw
         grad_bias = gb.to(bias.dtype) if gb is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 

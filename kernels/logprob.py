@@ -24,6 +24,7 @@ from entangle_fast._contract import (
     check_logprob_bwd_buffers,
     check_logprob_inputs,
     check_same_device_contiguous,
+    grad_weight_row0,
 )
 
 
@@ -164,11 +165,12 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_lse_ptr, part_targ
 @triton.jit
 def _logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
                         grad_h_ptr, grad_w_ptr, grad_b_ptr, probs_ptr,
-                        N, D, vocab_start, vocab_end, ignore_index,
+                        N, D, vocab_start, vocab_end, gw_row0, ignore_index,
                         HAS_BIAS: tl.constexpr, HAS_GRAD_W: tl.constexpr, HAS_GRAD_B: tl.constexpr,
                         HAS_PROBS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (row blocks, vocab tiles of [vocab_start, vocab_end)); each program owns one p tile."""
+    """Grid (row blocks, vocab tiles of [vocab_start, vocab_end)); each program owns one p tile.
+    Row r of grad_w holds vocabulary entry gw_row0 + r."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -224,7 +226,7 @@ def _logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
             if DOT_IN_FP32:
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(gdu_dot), h, input_precision="ieee")
-            tl.atomic_add(grad_w_ptr + offs_v[:, None] * D + offs_d[None, :], dw,
+            tl.atomic_add(grad_w_ptr + (offs_v - gw_row0)[:, None] * D + offs_d[None, :], dw,
                           mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
 
 
@@ -289,6 +291,7 @@ def logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, 
     With p = exp(hidden . weight[v] + bias[v] - lse) and du = [v == label] - p, for non-ignored rows:
         grad_hidden_unscaled fp32 [N, d]   += du @ weight[range]          (not scaled by g)
         grad_weight          fp32 [V, d]   += (g * du)^T @ hidden         (rows in range; or None)
+                             or [vocab_end - vocab_start, d], its row 0 holding vocab_start
         grad_bias            fp32 [V]      += sum_n g * du                 (or None)
         probs_out            fp32 [N, vocab_end - vocab_start] = p       (0.0 on ignored rows; or None)
     Buffers are added to, not overwritten (probs_out excepted): the caller zero-fills them and may
@@ -312,7 +315,7 @@ def logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, 
         grad_weight if grad_weight is not None else grad_hidden_unscaled,
         grad_bias if grad_bias is not None else grad_hidden_unscaled,
         probs_out if probs_out is not None else grad_hidden_unscaled,
-        N, d, vocab_start, vocab_end, int(ignore_index),
+        N, d, vocab_start, vocab_end, grad_weight_row0(grad_weight, vocab_start, vocab_end), int(ignore_index),
         HAS_BIAS=bias is not None, HAS_GRAD_W=grad_weight is not None, HAS_GRAD_B=grad_bias is not None,
         HAS_PROBS=probs_out is not None, DOT_IN_FP32=_dot_in_fp32(hidden.dtype),
         **cfg,

@@ -345,6 +345,12 @@ def test_logprob_cuda_vocab_ranges(dtype):
     outside[40:60] = False
     assert (gw[outside] == 0).all() and (gb[outside] == 0).all(), "rows outside [40, 60) were written"
     torch.testing.assert_close(probs, whole[5][:, 40:60], rtol=1e-5, atol=1e-7)
+    # A buffer for the range's rows only (row 0 = vocab_start) receives the same sums.
+    gw_range = torch.zeros(20, d, device="cuda")
+    _cuda.cuda_logprob_bwd(h, w, labels, b, whole[1], g, IGNORE, grad_hidden_unscaled=torch.zeros_like(gh),
+                           grad_weight=gw_range, grad_bias=None, vocab_start=40, vocab_end=60, probs_out=None)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(gw_range, gw[40:60], rtol=1e-5, atol=1e-6)
 
 
 @requires_cuda

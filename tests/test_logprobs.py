@@ -168,3 +168,36 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1|triton"):
         resolve_impl("triton", cpu)
+
+
+@pytest.mark.parametrize("impl", [b for b in backends() if b != "torch"])
+def test_kernel_weight_gradient_is_staged_by_vocabulary_chunk(impl, monkeypatch):
+    """For a bf16 weight the kernels' fp32 weight gradient lives one vocabulary chunk at a time (never [V, d] fp32),
+    rounded into the bf16 output after each chunk: the same gradients as a single chunk."""
+    monkeypatch.setattr(lp_mod, "TORCH_VOCAB_TILE", 64)
+    n, v, d = 9, 300, 16
+    hidden, weight, labels, b = make_inputs(n, v, d, torch.bfloat16, bias=True, ignore=(0,))
+    upstream = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, labels, b = (t.to(device) for t in (hidden, weight, labels, b))
+    upstream = upstream.to(device)
+
+    def run():
+        _, g = grads(lambda h, w, bb: linear_logprobs(h, w, labels, bias=bb, impl=impl), hidden, weight, b, upstream)
+        return g
+
+    one = run()  # the default cap holds all 300 rows of d = 16 in one chunk
+    fwd, bwd = lp_mod._backend_fns(impl)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((tuple(kwargs["grad_weight"].shape), kwargs["grad_weight"].dtype))
+        return bwd(*args, **kwargs)
+
+    monkeypatch.setattr(lp_mod, "_backend_fns", lambda _: (fwd, spy))
+    monkeypatch.setattr(lp_mod, "GRAD_WEIGHT_CHUNK_ELEMENTS", 64 * d)
+    many = run()
+    assert seen == [((64, d), torch.float32)] * 4 + [((44, d), torch.float32)]
+    for name, a, c in zip(("hidden", "weight", "bias"), one, many):
+        assert c.dtype == torch.bfloat16, name
+        torch.testing.assert_close(c, a, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

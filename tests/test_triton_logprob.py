@@ -164,6 +164,23 @@ def test_partial_range_touches_only_its_columns():
     torch.testing.assert_close(out["grad_hidden_unscaled"].double(), du @ w[40:60].double(), rtol=1e-5, atol=1e-6)
 
 
+def test_range_sized_grad_weight_buffer():
+    """grad_weight may hold only the range's rows (row 0 = vocab_start): the same sums as the [V, d] buffer's rows."""
+    N, V, d = 7, 100, 64
+    h, w, b, labels, g = _inputs(N, V, d, torch.float32, True, seed=6)
+    labels[2] = 45
+    _, lse = logprob_fwd(h, w, labels, b, IGNORE)
+    full = _zeros_like_grads(N, V, d, 20)
+    logprob_bwd(h, w, labels, b, lse, g, IGNORE, vocab_start=40, vocab_end=60, **full)
+    ranged = dict(_zeros_like_grads(N, V, d, 20), grad_weight=torch.zeros(20, d, device=DEVICE))
+    logprob_bwd(h, w, labels, b, lse, g, IGNORE, vocab_start=40, vocab_end=60, **ranged)
+    torch.testing.assert_close(ranged["grad_weight"], full["grad_weight"][40:60], rtol=0, atol=0)
+    torch.testing.assert_close(ranged["grad_hidden_unscaled"], full["grad_hidden_unscaled"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grad_weight"):
+        logprob_bwd(h, w, labels, b, lse, g, IGNORE, vocab_start=40, vocab_end=60,
+                    **dict(_zeros_like_grads(N, V, d, 20), grad_weight=torch.zeros(21, d, device=DEVICE)))
+
+
 def test_all_labels_ignored():
     N, V, d = 7, 100, 3
     h, w, b, labels, g = _inputs(N, V, d, torch.float16, True, seed=3)
