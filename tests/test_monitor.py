@@ -158,6 +158,10 @@ def test_exact_against_per_sequence_gradients(arch, path, padding, monkeypatch):
     monkeypatch.setattr(monitor_mod.R, "ghost_terms", no_ghost)
     model.zero_grad(set_to_none=True)
     check_against_reference(model, monitored_step(model, batch, path), grads, params, attribution=False)
+    # One pair per batched matmul: the chunking over pairs gives the same numbers.
+    monkeypatch.setattr(monitor_mod.R, "EXPLICIT_CHUNK_ELEMENTS", 1)
+    model.zero_grad(set_to_none=True)
+    check_against_reference(model, monitored_step(model, batch, path), grads, params, attribution=False)
 
 
 def test_explicit_row_pairs_through_watch():

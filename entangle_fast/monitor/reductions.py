@@ -142,19 +142,42 @@ def _pairwise_from_rows(row_grad, pairs: Tensor, dtype, device) -> Terms:
     return Terms(out[0], out[1], out[2])
 
 
+EXPLICIT_CHUNK_ELEMENTS = 1 << 25
+
+
+def _padded(tok: Tokens, rows: list[int], values: Tensor) -> Tensor:
+    """``[len(rows), T_max, n]``: the packed ``values [S, n]`` of ``rows``, zero-padded to the longest of them."""
+    lengths = [tok.length(r) for r in rows]
+    out = values.new_zeros(len(rows), max(lengths, default=0), values.shape[1])
+    for j, r in enumerate(rows):
+        out[j, : lengths[j]] = values[tok.seg(r)]
+    return out
+
+
 def explicit_linear_terms(tok: Tokens, pairs: Tensor, *, weight: bool, bias: bool) -> Terms:
-    """Per-row gradients sum_tau gamma_tau a_tau^T (and sum_tau gamma_tau) formed explicitly, one row at a time.
-    The same numbers serve Conv1D (its gradient is the transpose)."""
-    def row_grad(r):
-        s = tok.seg(r)
+    """Per-row gradients sum_tau gamma_tau a_tau^T (and sum_tau gamma_tau) formed explicitly, several rows per batched
+    matmul (at most EXPLICIT_CHUNK_ELEMENTS gradient entries alive). The same numbers serve Conv1D (its gradient is
+    the transpose)."""
+    b = pairs.shape[0]
+    out = torch.zeros(3, b, dtype=tok.gamma.dtype, device=tok.gamma.device)
+    pair_list = pairs.tolist()
+    d_out = tok.gamma.shape[1]
+    per_pair = 2 * ((d_out * tok.a.shape[1] if weight else 0) + (d_out if bias else 0))
+    step = max(1, EXPLICIT_CHUNK_ELEMENTS // max(per_pair, 1))
+    for i0 in range(0, b, step):
+        group = pair_list[i0 : i0 + step]
+        rows = [w for w, _ in group] + [l for _, l in group]
+        gamma = _padded(tok, rows, tok.gamma)
         parts = []
         if weight:
-            parts.append((tok.gamma[s].T @ tok.a[s]).reshape(-1))
+            parts.append(torch.bmm(gamma.transpose(1, 2), _padded(tok, rows, tok.a)).flatten(1))
         if bias:
-            parts.append(tok.gamma[s].sum(0))
-        return torch.cat(parts)
-
-    return _pairwise_from_rows(row_grad, pairs, tok.gamma.dtype, tok.gamma.device)
+            parts.append(gamma.sum(1))
+        grads = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        gw, gl = grads[: len(group)], grads[len(group) :]
+        sl = slice(i0, i0 + len(group))
+        out[0, sl], out[1, sl], out[2, sl] = (gw * gl).sum(1), (gw * gw).sum(1), (gl * gl).sum(1)
+    return Terms(out[0], out[1], out[2])
 
 
 def embedding_sparse_terms(tok: Tokens, pairs: Tensor) -> Terms:
