@@ -27,7 +27,8 @@ import presets  # noqa: E402
 _PRESET = pytest.StashKey[presets.Preset]()
 _RUNNER = pytest.StashKey[cases.SuiteRunner]()
 CASE_FIXTURES = {"logprob_case": cases.logprob_cases, "stats_case": cases.stats_cases,
-                 "ceiling_case": cases.ceiling_cases}
+                 "ceiling_case": cases.ceiling_cases,
+                 "monitor_case": lambda p: [presets.MonitorCase(s, m) for s in p.monitor for m in s.modes]}
 
 
 def pytest_addoption(parser):
@@ -87,6 +88,12 @@ def _selected_cases(session) -> list[cases.Case]:
         params = getattr(getattr(item, "callspec", None), "params", {})
         out += [v for v in params.values() if isinstance(v, cases.Case)]
     return out
+
+
+@pytest.fixture(scope="session")
+def bench_preset(request) -> presets.Preset:
+    """The preset this session runs."""
+    return request.config.stash[_PRESET]
 
 
 @pytest.fixture(scope="session")

@@ -93,12 +93,61 @@ class MatmulShape:
         return asdict(self)
 
 
-SHAPE_TYPES = {"logprobs": LogprobShape, "token_stats": StatsShape, "matmul": MatmulShape}
+@dataclass(frozen=True)
+class MonitorShape:
+    """A DPO training step of a Llama-style model built in code: ``pairs`` pairs of ``prompt + response`` tokens.
+
+    The monitor suite times the step without the monitor (``off``), with it (``exact``, ``sketch``) and with the
+    two-extra-backward baseline (``explicit``: each response's flattened gradient by its own backward)."""
+
+    label: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    pairs: int
+    prompt: int
+    response: int
+    dtype: str = "float32"
+    sketch_dim: int = 32
+    modes: tuple[str, ...] = ("off", "exact", "sketch", "explicit")
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-P{self.pairs}xT{self.response}-{_DTYPE_TAG[self.dtype]}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modes"] = list(self.modes)
+        return d
+
+
+@dataclass(frozen=True)
+class MonitorCase:
+    """One (step shape, mode) of the monitor suite; ``describe()`` is what results and skips are filed under."""
+
+    shape: MonitorShape
+    mode: str
+
+    @property
+    def id(self) -> str:
+        return f"monitor-{self.mode}-{self.shape.name}"
+
+    def describe(self) -> dict:
+        return {"id": self.id, "kind": "monitor", "group": f"monitor:step [{self.shape.name}]", "impl": self.mode,
+                "pass": "step", "shape": self.shape.name, "shape_params": self.shape.to_dict(),
+                "dtype": self.shape.dtype}
+
+
+SHAPE_TYPES = {"logprobs": LogprobShape, "token_stats": StatsShape, "matmul": MatmulShape,
+               "monitor": MonitorShape}
 
 
 def shape_from_dict(kind: str, d: dict):
     d = dict(d)
-    for key in ("passes", "impls"):
+    for key in ("passes", "impls", "modes"):
         if d.get(key) is not None:
             d[key] = tuple(d[key])
     return SHAPE_TYPES[kind](**d)
@@ -114,6 +163,7 @@ class Preset:
     logprobs: tuple[LogprobShape, ...]
     token_stats: tuple[StatsShape, ...]
     ceiling: tuple[MatmulShape, ...]
+    monitor: tuple[MonitorShape, ...] = ()
     rounds: int = 3
     warmup_rounds: int = 1
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -153,6 +203,12 @@ CPU = Preset(
         StatsShape(pairs=1, seq=64, hidden=128, vocab=8192, loop=True),
     ),
     ceiling=(MatmulShape(2048, 2048, 2048, "float32"),),
+    monitor=(
+        MonitorShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, pairs=4,
+                     prompt=32, response=96),
+        MonitorShape("small", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, vocab=4096, pairs=4,
+                     prompt=32, response=96),
+    ),
     # Calls take 0.01-5 s: the median of three rounds absorbs a slow first call, no separate warm-up.
     rounds=3,
     warmup_rounds=0,
@@ -169,8 +225,27 @@ GPU = Preset(
         StatsShape(pairs=1, seq=64, hidden=1024, vocab=32768, dtype="bfloat16", loop=True),
     ),
     ceiling=(MatmulShape(8192, 8192, 8192, "bfloat16"), MatmulShape(8192, 4096, 128256, "bfloat16")),
+    # A 1B-class Llama (Llama-3.2-1B's widths, 16 layers, 1.2B parameters) at 1024 response tokens.
+    monitor=(MonitorShape("llama-1b", hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
+                          pairs=2, prompt=128, response=1024, dtype="bfloat16", sketch_dim=64),),
     rounds=10,
     warmup_rounds=2,
+)
+
+# The Llama-3-8B head shape on CPU: the fused op's peak-memory target at the shape the GPU preset times, for machines
+# without a GPU. One full step per implementation, ours-torch against the materialised reference only (the reference
+# holds about 13 GiB of [N, V] buffers here; the machine needs about 20 GiB free). About 15 minutes on 2 cores.
+CPU_HEAD = Preset(
+    name="cpu-head",
+    device="cpu",
+    description="the Llama-3-8B head shape (N=8192, d=4096, V=128256) on CPU, bf16 and fp32: full step, ours-torch "
+                "against the reference, one round (the memory target without a GPU; ~15 min on 2 cores, ~20 GiB RAM)",
+    logprobs=tuple(LogprobShape(8, 1024, 4096, 128256, dtype, passes=("full",), impls=("ours-torch", "reference"),
+                                rounds=1) for dtype in ("bfloat16", "float32")),
+    token_stats=(),
+    ceiling=(MatmulShape(2048, 2048, 2048, "float32"), MatmulShape(2048, 2048, 2048, "bfloat16")),
+    rounds=1,
+    warmup_rounds=0,
 )
 
 SMOKE = Preset(
@@ -180,8 +255,10 @@ SMOKE = Preset(
     logprobs=(LogprobShape(2, 8, 16, 64, "float32"),),
     token_stats=(StatsShape(pairs=1, seq=6, hidden=8, vocab=32, loop=True),),
     ceiling=(MatmulShape(64, 64, 64, "float32"),),
+    monitor=(MonitorShape("toy", hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32, vocab=160, pairs=2,
+                          prompt=3, response=5, sketch_dim=8),),
     rounds=1,
     warmup_rounds=0,
 )
 
-PRESETS = {p.name: p for p in (CPU, GPU, SMOKE)}
+PRESETS = {p.name: p for p in (CPU, GPU, CPU_HEAD, SMOKE)}

@@ -59,7 +59,7 @@ def _preset(config) -> str:
     name = config.getoption("--bench-preset", default=None) or os.environ.get("ENTANGLE_FAST_BENCH_PRESET")
     if not name:
         name = "smoke" if config.getoption("benchmark_disable", default=False) else "cpu"
-    return name if name in SHAPES else "cpu"
+    return name
 
 
 def _mem_available() -> int | None:
@@ -107,6 +107,8 @@ def test_profile_token_matrix_vs_paper_loop(benchmark, request, record_property)
     from entangle_fast.profile import per_token_matrix, per_token_matrix_baseline
 
     preset = _preset(request.config)
+    if preset not in SHAPES:
+        pytest.skip(f"preset {preset!r} has no profiler shape (it measures the log-prob op only)")
     shape = SHAPES[preset]
     device = torch.device("cuda" if preset == "gpu" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():

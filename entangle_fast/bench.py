@@ -194,9 +194,12 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
     """Every ratio of two measurements at the same (op, shape, pass) of one run.
 
     Log-prob op: ``ours / X`` time and ``X / ours`` peak memory for each ``ours-*`` and each other implementation
-    (so below 1 is faster and above 1 is smaller for ours). Token statistics: stats-on / stats-off time and memory,
+    (so below 1 is faster and above 1 is smaller for ours), and ``X / ours`` working memory: peak extra memory less
+    the gradients of hidden and weight, which every implementation returns alike (backward and full step). Token statistics: stats-on / stats-off time and memory,
     (stats-on - stats-off) / LM-head matmul time, stats-on / reference time, reference / stats-on memory, and the
-    per-token loop / stats-only (and / stats-on) speed-up. ``headline`` marks those the summary leads with.
+    per-token loop / stats-only (and / stats-on) speed-up. Monitor: exact / off and sketch / off step time and peak
+    memory, and the two-extra-backward baseline's overhead over each mode's ((explicit - off) / (mode - off)).
+    Trainer: stock TRL / ours time per step and peak memory. ``headline`` marks those the summary leads with.
     """
     at: dict[tuple, dict[str, dict]] = {}
     for r in results:
@@ -220,6 +223,11 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
 
     for (kind, shape, pass_), impls in sorted(at.items()):
         if kind == "logprobs":
+            grads = _gradient_bytes(next(iter(impls.values())), pass_)
+
+            def work(r):  # peak less the gradients every implementation returns alike
+                return m(r) - grads if m(r) and grads and m(r) > grads else None
+
             for o in sorted(i for i in impls if _ours(i)):
                 for x in sorted(i for i in impls if not _ours(i)):
                     head = o == ours_auto and x == "reference" and pass_ == "full"
@@ -227,6 +235,8 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
                         "lower", head)
                     add(kind, shape, pass_, "memory", x, o, div(m(impls[x]), m(impls[o])),
                         f"{x} / {o} peak memory", "higher", head)
+                    add(kind, shape, pass_, "memory", x, o, div(work(impls[x]), work(impls[o])),
+                        f"{x} / {o} working memory", "higher", head)
     stats = {}
     for (kind, shape, _), impls in at.items():
         if kind == "token_stats":
@@ -252,7 +262,42 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
             "per-token loop / stats-on full step time", "higher")
         add(k, shape, "stats", "memory", "loop", "stats-only", div(m(loop), m(only)),
             "per-token loop / stats-only peak memory", "higher")
+    for (kind, shape, pass_), impls in sorted(at.items()):
+        if kind == "monitor":
+            off, explicit = impls.get("off"), impls.get("explicit")
+            for mode in ("exact", "sketch"):
+                on = impls.get(mode)
+                add(kind, shape, pass_, "time", mode, "off", div(t(on), t(off)), f"{mode} / off step time", "lower",
+                    True)
+                add(kind, shape, pass_, "memory", mode, "off", div(m(on), m(off)), f"{mode} / off peak memory",
+                    "lower")
+                if t(on) and t(off) and t(explicit) and t(on) > t(off):
+                    add(kind, shape, pass_, "time", "explicit - off", f"{mode} - off",
+                        (t(explicit) - t(off)) / (t(on) - t(off)),
+                        f"two-extra-backward overhead / {mode} overhead", "higher", mode == "exact")
+            add(kind, shape, pass_, "time", "explicit", "off", div(t(explicit), t(off)), "explicit / off step time",
+                "lower")
+        elif kind == "trainer":
+            trl = impls.get("trl")
+            for ours in ("entangled", "entangled_off"):
+                add(kind, shape, pass_, "time", ours, "trl", div(t(impls.get(ours)), t(trl)),
+                    f"{ours} / trl time per step", "lower", ours == "entangled")
+                add(kind, shape, pass_, "memory", "trl", ours, div(m(trl), m(impls.get(ours))),
+                    f"trl / {ours} peak memory", "higher", ours == "entangled")
     return out
+
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def _gradient_bytes(result: dict, pass_: str) -> int | None:
+    """Bytes of the gradients a log-prob step returns, ``[N, d]`` for hidden and ``[V, d]`` for the weight in the
+    inputs' dtype: the same for every implementation, so "working memory" (peak extra memory less these) compares
+    what each needs beyond its outputs. None for the forward pass (no gradients)."""
+    p = result.get("shape_params") or {}
+    if pass_ == "forward" or not {"rows", "seq", "hidden", "vocab"} <= p.keys():
+        return None
+    return (p["rows"] * p["seq"] + p["vocab"]) * p["hidden"] * _ITEMSIZE.get(p.get("dtype", "float32"), 4)
 
 
 def ceilings(results: list[dict]) -> dict[str, float]:

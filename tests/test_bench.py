@@ -64,6 +64,7 @@ def test_smoke_run_is_valid_and_complete(smoke):
         assert ("logprobs", impl) in ran or skipped.get(("logprobs", impl)), impl
     assert {("token_stats", i) for i in STATS_IMPLS} <= ran
     assert ("matmul", "matmul") in ran and run["ceiling"]
+    assert {("monitor", m) for m in ("off", "exact", "sketch", "explicit")} <= ran
     for r in (r for r in run["results"] if r["kind"] in ("logprobs", "token_stats", "matmul")):
         assert r["time_ms"] > 0 and r["rounds"] == 1 and len(r["samples_ms"]) == 1, r["id"]
         assert r["memory_error"] is None and r["peak_memory_bytes"] >= 0, (r["id"], r["memory_error"])
@@ -73,6 +74,7 @@ def test_smoke_run_is_valid_and_complete(smoke):
     names = {r["name"] for r in run["ratios"]}
     assert f"{run['ours_auto']} / reference time" in names
     assert {"stats-on / stats-off time", "per-token loop / stats-only time (speed-up)"} <= names
+    assert {"exact / off step time", "sketch / off step time", "explicit / off step time"} <= names
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip of the GPU preset where no GPU is visible")
@@ -114,6 +116,11 @@ def _synthetic_run(scale: float = 1.0) -> dict:
         ("stats-off", "full", 10, 50), ("stats-on", "full", 12, 60), ("lm-head-matmul", "forward", 4, 10),
         ("stats-only", "stats", 5, 20), ("loop", "stats", 1000, 2000))]
     results.append(_result("matmul", "matmul", "forward", {"m": 64, "k": 64, "n": 64}, 1 * scale, 1))
+    step = {"label": "tiny", "pairs": 2, "seq": 8, "hidden": 16, "vocab": 64}
+    for mode, t, m in (("off", 100, 50), ("exact", 110, 55), ("sketch", 104, 52), ("explicit", 300, 400)):
+        results.append({**_result("monitor", mode, "step", step, t * scale, m), "flops": None, "tflops": None})
+    for impl, t, m in (("trl", 200, 500), ("entangled_off", 140, 280), ("entangled", 150, 300)):
+        results.append({**_result("trainer", impl, "train_step", step, t * scale, m), "flops": None, "tflops": None})
     skipped = [{"id": "logprobs-full-liger-x", "kind": "logprobs", "impl": "liger", "pass": "full", "shape": "x",
                 "reason": "liger: liger-kernel is not installed (pip install liger-kernel)"}]
     return bench.build_run("cpu", results, skipped, [], machine=dict(MACHINE), created="2025-01-01T00:00:00+00:00")
@@ -147,9 +154,18 @@ def test_ratios_summary_and_plots_from_synthetic_results(tmp_path):
     run = _synthetic_run()
     assert _ratio(run, "ours-torch / reference time", "seq64") == pytest.approx(0.25)
     assert _ratio(run, "reference / ours-torch peak memory", "seq128") == pytest.approx(8.0)
+    grads = (2 * 128 + 64) * 16 * 4  # hidden [N, d] and weight [V, d] gradients, fp32
+    assert _ratio(run, "reference / ours-torch working memory", "seq128") == pytest.approx(
+        (800 * 2**20 - grads) / (100 * 2**20 - grads))
     assert _ratio(run, "stats-on / stats-off time") == pytest.approx(1.2)
     assert _ratio(run, "(stats-on - stats-off) / LM-head matmul time") == pytest.approx(0.5)
     assert _ratio(run, "per-token loop / stats-only time (speed-up)") == pytest.approx(200)
+    assert _ratio(run, "exact / off step time") == pytest.approx(1.1)
+    assert _ratio(run, "sketch / off peak memory") == pytest.approx(52 / 50)
+    assert _ratio(run, "two-extra-backward overhead / exact overhead") == pytest.approx(20)
+    assert _ratio(run, "two-extra-backward overhead / sketch overhead") == pytest.approx(50)
+    assert _ratio(run, "entangled / trl time per step") == pytest.approx(0.75)
+    assert _ratio(run, "trl / entangled peak memory") == pytest.approx(500 / 300)
     assert run["ceiling"]["float32"] == pytest.approx(2 * 64**3 / 1e-3 / 1e12)
     matmul = next(r for r in run["results"] if r["kind"] == "matmul")
     assert matmul["ceiling_fraction"] == pytest.approx(1.0)
@@ -166,7 +182,7 @@ def test_compare_two_synthetic_run_files(tmp_path, capsys):
     a.write_text(json.dumps(_synthetic_run(1.0)))
     b.write_text(json.dumps(_synthetic_run(0.5)))
     cmp = bench.compare(a, b)
-    assert len(cmp["measurements"]) == 10
+    assert len(cmp["measurements"]) == 17  # 4 log-prob, 5 token-stats, 1 matmul, 4 monitor, 3 trainer
     assert all(r["time_b_over_a"] == pytest.approx(0.5) for r in cmp["measurements"])
     assert all(r["memory_b_over_a"] == pytest.approx(1.0) for r in cmp["measurements"])
     same = [r for r in cmp["ratios"] if r["name"] == "ours-torch / reference time"]

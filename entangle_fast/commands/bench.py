@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-PRESETS = ("cpu", "gpu", "smoke")
+PRESETS = ("cpu", "gpu", "cpu-head", "smoke")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu", choices=PRESETS,
-                        help="cpu: a few minutes on 2 cores; gpu: Llama-3-8B head shapes, bf16; smoke: one tiny "
+                        help="cpu: a few minutes on 2 cores; gpu: Llama-3-8B head shapes, bf16; cpu-head: the "
+                             "Llama-3-8B head shape's memory target on CPU (~15 min, ~20 GiB RAM); smoke: one tiny "
                              "shape per benchmark, run once")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where to write the run (default: benchmarks/results of the source checkout)")
