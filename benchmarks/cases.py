@@ -412,6 +412,17 @@ def _trim() -> None:
         pass
 
 
+def rss_peak_extra(fn) -> int:
+    """Peak resident set during ``fn()`` minus the resident set just before it, in bytes (Linux: the peak is reset
+    through ``/proc/self/clear_refs`` and read from ``VmHWM``); raises OSError where the peak cannot be reset."""
+    _trim()
+    if not _reset_peak_rss():
+        raise OSError("the peak resident set cannot be reset here (/proc/self/clear_refs)")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024

@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cases import rss_peak_extra
 
 RESULT_KEY = "entangle_fast_bench_result"  # the suites' user_properties key (benchmarks/cases.py)
 BETA = 0.1
@@ -78,20 +79,8 @@ def step(model, batch, mode: str, sketch_dim: int):
     raise ValueError(f"unknown monitor benchmark mode {mode!r}")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def peak_extra(fn, device) -> tuple[int | None, str, str | None]:
     """``(bytes, method, error)``: the peak of ``fn()`` over what was allocated before it."""
-    import ctypes
-    import gc
-
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -100,14 +89,9 @@ def peak_extra(fn, device) -> tuple[int | None, str, str | None]:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, "cuda-max-memory-allocated", None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS
+        return rss_peak_extra(fn), "linux-vmhwm-in-process", None
     except (OSError, KeyError) as exc:
         return None, "linux-vmhwm-in-process", f"no resettable peak resident set here: {exc}"
-    fn()
-    return (_status_kib("VmHWM") - base) * 1024, "linux-vmhwm-in-process", None
 
 
 def _environment(device) -> dict:

@@ -36,6 +36,7 @@ import pytest
 pytest.importorskip("trl", reason="requires_trl: pip install entangle-fast[trl]")
 
 import torch  # noqa: E402
+from cases import rss_peak_extra  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULT_KEY = "entangle_fast_bench_result"  # the suites' user_properties key (benchmarks/cases.py)
@@ -160,28 +161,6 @@ def build_trainer(case: TrainerCase, outdir: str):
     return trainer, timer
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def rss_peak_of(fn) -> int:
-    """Peak resident set during ``fn()`` minus the resident set before it (Linux)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    fn()
-    return (_status_kib("VmHWM") - base) * 1024
-
-
 def measure_peak(case: TrainerCase, trainer, fresh_process: bool) -> tuple[int | None, str, str | None]:
     """``(peak extra bytes, method, error)`` of one ``train()``."""
     if case.shape.device == "cuda":
@@ -196,7 +175,7 @@ def measure_peak(case: TrainerCase, trainer, fresh_process: bool) -> tuple[int |
         return None, "linux-vmhwm", "no resettable peak resident set on this platform"
     if not fresh_process:
         trainer.train()  # warm: lazy imports, thread pools and allocator growth are not charged
-        return rss_peak_of(trainer.train), "linux-vmhwm-in-process", None
+        return rss_peak_extra(trainer.train), "linux-vmhwm-in-process", None
     out = subprocess.run([sys.executable, __file__, "--peak", case.shape.name, case.impl], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     if out.returncode != 0:
@@ -211,7 +190,7 @@ def _probe(shape_name: str, impl: str) -> None:
     with tempfile.TemporaryDirectory() as outdir:
         trainer, _ = build_trainer(case, outdir)
         trainer.train()
-        print(json.dumps({"peak_bytes": rss_peak_of(trainer.train)}))
+        print(json.dumps({"peak_bytes": rss_peak_extra(trainer.train)}))
 
 
 def _environment() -> dict:
