@@ -144,11 +144,18 @@ def test_exact_against_per_sequence_gradients(arch, path, padding, monkeypatch):
     plain = [p.grad.clone() for p in params]
 
     model.zero_grad(set_to_none=True)
+    # Every token kept, zero-gradient ones (padding, last positions) included, as views: the same numbers.
+    monkeypatch.setattr(monitor_mod.R, "DENSE_FRACTION", 0.0)
     stats = monitored_step(model, batch, path, position_attribution=True)  # ghost form everywhere
     for p, g in zip(params, plain):
         assert torch.equal(p.grad, g), "the monitor changed a gradient"
     check_against_reference(model, stats, grads, params, attribution=True)
     assert stats.case.tolist() and all(c in (1, 2, 3) for c in stats.case.tolist())
+    # Only the tokens with a gradient kept (packed copies).
+    monkeypatch.setattr(monitor_mod.R, "DENSE_FRACTION", 2.0)
+    model.zero_grad(set_to_none=True)
+    check_against_reference(model, monitored_step(model, batch, path, position_attribution=True), grads, params,
+                            attribution=True)
 
     monkeypatch.setattr(monitor_mod, "LINEAR_PATH", "explicit")
 
