@@ -237,6 +237,27 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
                         f"{x} / {o} peak memory", "higher", head)
                     add(kind, shape, pass_, "memory", x, o, div(work(impls[x]), work(impls[o])),
                         f"{x} / {o} working memory", "higher", head)
+        elif kind == "monitor":
+            off, explicit = impls.get("off"), impls.get("explicit")
+            for mode in ("exact", "sketch"):
+                on = impls.get(mode)
+                add(kind, shape, pass_, "time", mode, "off", div(t(on), t(off)), f"{mode} / off step time", "lower",
+                    True)
+                add(kind, shape, pass_, "memory", mode, "off", div(m(on), m(off)), f"{mode} / off peak memory",
+                    "lower")
+                if t(on) and t(off) and t(explicit) and t(on) > t(off):
+                    add(kind, shape, pass_, "time", "explicit - off", f"{mode} - off",
+                        (t(explicit) - t(off)) / (t(on) - t(off)),
+                        f"two-extra-backward overhead / {mode} overhead", "higher", mode == "exact")
+            add(kind, shape, pass_, "time", "explicit", "off", div(t(explicit), t(off)), "explicit / off step time",
+                "lower")
+        elif kind == "trainer":
+            trl = impls.get("trl")
+            for ours in ("entangled", "entangled_off"):
+                add(kind, shape, pass_, "time", ours, "trl", div(t(impls.get(ours)), t(trl)),
+                    f"{ours} / trl time per step", "lower", ours == "entangled")
+                add(kind, shape, pass_, "memory", "trl", ours, div(m(trl), m(impls.get(ours))),
+                    f"trl / {ours} peak memory", "higher", ours == "entangled")
     stats = {}
     for (kind, shape, _), impls in at.items():
         if kind == "token_stats":
@@ -262,28 +283,6 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
             "per-token loop / stats-on full step time", "higher")
         add(k, shape, "stats", "memory", "loop", "stats-only", div(m(loop), m(only)),
             "per-token loop / stats-only peak memory", "higher")
-    for (kind, shape, pass_), impls in sorted(at.items()):
-        if kind == "monitor":
-            off, explicit = impls.get("off"), impls.get("explicit")
-            for mode in ("exact", "sketch"):
-                on = impls.get(mode)
-                add(kind, shape, pass_, "time", mode, "off", div(t(on), t(off)), f"{mode} / off step time", "lower",
-                    True)
-                add(kind, shape, pass_, "memory", mode, "off", div(m(on), m(off)), f"{mode} / off peak memory",
-                    "lower")
-                if t(on) and t(off) and t(explicit) and t(on) > t(off):
-                    add(kind, shape, pass_, "time", "explicit - off", f"{mode} - off",
-                        (t(explicit) - t(off)) / (t(on) - t(off)),
-                        f"two-extra-backward overhead / {mode} overhead", "higher", mode == "exact")
-            add(kind, shape, pass_, "time", "explicit", "off", div(t(explicit), t(off)), "explicit / off step time",
-                "lower")
-        elif kind == "trainer":
-            trl = impls.get("trl")
-            for ours in ("entangled", "entangled_off"):
-                add(kind, shape, pass_, "time", ours, "trl", div(t(impls.get(ours)), t(trl)),
-                    f"{ours} / trl time per step", "lower", ours == "entangled")
-                add(kind, shape, pass_, "memory", "trl", ours, div(m(trl), m(impls.get(ours))),
-                    f"trl / {ours} peak memory", "higher", ours == "entangled")
     return out
 
 

@@ -42,27 +42,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunk() -> int:
-    return max(1, TORCH_TILE_ELEMENTS // TORCH_VOCAB_TILE)
-
-
-def _torch_tiles(n: int, v0: int, v1: int):
-    """Vocabulary tiles (outer) and row chunks (inner) of the PyTorch path: ``(rows, c0, c1)`` with
-    ``len(rows) * (c1 - c0) <= TORCH_TILE_ELEMENTS``."""
-    rows = _row_chunk()
+def _vocab_tiles(weight: Tensor, bias: Tensor | None, v0: int, v1: int, cdt: torch.dtype):
+    """The PyTorch path's vocabulary tiles of ``[v0, v1)``: ``(c0, c1, weight tile, bias tile | None)``, converted to
+    ``cdt`` once per tile."""
     for c0 in range(v0, v1, TORCH_VOCAB_TILE):
-        for r0 in range(0, n, rows):
-            yield slice(r0, min(r0 + rows, n)), c0, min(c0 + TORCH_VOCAB_TILE, v1)
+        c1 = min(c0 + TORCH_VOCAB_TILE, v1)
+        yield c0, c1, weight[c0:c1].to(cdt), None if bias is None else bias[c0:c1].to(cdt)
 
 
-def _torch_logits(hidden, weight, bias, rows, c0, c1, weight_tile=None):
-    """``[rows, c1 - c0]`` logits in the compute dtype; ``weight_tile`` is ``weight[c0:c1]`` already converted."""
-    cdt = _compute_dtype(hidden.dtype)
-    w = weight[c0:c1].to(cdt) if weight_tile is None else weight_tile
-    h = hidden[rows].to(cdt)
-    if bias is not None:
-        return torch.addmm(bias[c0:c1].to(cdt), h, w.T)
-    return h @ w.T
+def _row_chunks(n: int):
+    """Row slices of at most TORCH_TILE_ELEMENTS / TORCH_VOCAB_TILE rows: a logit tile is at most TORCH_TILE_ELEMENTS."""
+    rows = max(1, TORCH_TILE_ELEMENTS // TORCH_VOCAB_TILE)
+    for r0 in range(0, n, rows):
+        yield slice(r0, min(r0 + rows, n))
+
+
+def _torch_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``h @ w.T + b`` for one tile, all in the compute dtype."""
+    return torch.addmm(b, h, w.T) if b is not None else h @ w.T
 
 
 def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index):
@@ -75,13 +72,9 @@ def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index):
     running_max = torch.full((n,), float("-inf"), dtype=cdt, device=hidden.device)
     running_sum = torch.zeros(n, dtype=cdt, device=hidden.device)
     target = torch.zeros(n, dtype=cdt, device=hidden.device)
-    rows_per_chunk = _row_chunk()
-    for c0 in range(0, v, TORCH_VOCAB_TILE):
-        c1 = min(c0 + TORCH_VOCAB_TILE, v)
-        w = weight[c0:c1].to(cdt)
-        for r0 in range(0, n, rows_per_chunk):
-            rows = slice(r0, min(r0 + rows_per_chunk, n))
-            z = _torch_logits(hidden, weight, bias, rows, c0, c1, w)
+    for c0, c1, w, b in _vocab_tiles(weight, bias, 0, v, cdt):
+        for rows in _row_chunks(n):
+            z = _torch_logits(hidden[rows].to(cdt), w, b)
             lab = labels[rows]
             inside = (lab >= c0) & (lab < c1)
             picked = z.gather(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
@@ -113,17 +106,13 @@ def torch_logprob_bwd(
     # exp(z - inf) = 0: ignored rows get zero probabilities without a masking pass over every tile.
     lse_masked = torch.where(valid, lse.to(cdt), torch.full_like(lse, float("inf"), dtype=cdt))
     g = grad_logprobs.to(cdt)
-    rows_per_chunk = _row_chunk()
-    for c0 in range(vocab_start, vocab_end, TORCH_VOCAB_TILE):
-        c1 = min(c0 + TORCH_VOCAB_TILE, vocab_end)
-        w = weight[c0:c1].to(cdt)
+    for c0, c1, w, b in _vocab_tiles(weight, bias, vocab_start, vocab_end, cdt):
         acc = None
         if grad_weight is not None:
-            acc = grad_weight[c0:c1] if grad_weight.dtype == cdt else torch.zeros(c1 - c0, w.shape[1], dtype=cdt,
-                                                                                   device=w.device)
-        for r0 in range(0, n, rows_per_chunk):
-            rows = slice(r0, min(r0 + rows_per_chunk, n))
-            du = _torch_logits(hidden, weight, bias, rows, c0, c1, w).sub_(lse_masked[rows, None]).exp_()
+            acc = grad_weight[c0:c1] if grad_weight.dtype == cdt else torch.zeros_like(w)
+        for rows in _row_chunks(n):
+            h = hidden[rows].to(cdt)
+            du = _torch_logits(h, w, b).sub_(lse_masked[rows, None]).exp_()
             if probs_out is not None:
                 probs_out[rows, c0 - vocab_start : c1 - vocab_start] = du
             du.neg_()  # du = e_y - p
@@ -135,7 +124,7 @@ def torch_logprob_bwd(
             if acc is not None or grad_bias is not None:
                 gdu = du.mul_(g[rows, None])
                 if acc is not None:
-                    acc.addmm_(gdu.T, hidden[rows].to(cdt))
+                    acc.addmm_(gdu.T, h)
                 if grad_bias is not None:
                     grad_bias[c0:c1] += gdu.sum(dim=0)
         if acc is not None and grad_weight.dtype != cdt:

@@ -60,6 +60,15 @@ def hook_state(model: nn.Module) -> dict:
     return state
 
 
+def train_and_check_loss(trainer, steps: int) -> list[dict]:
+    """Train; the loss is logged at every one of ``steps`` steps and falls. Returns the log history."""
+    trainer.train()
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == steps and losses[-1] < losses[0], losses
+    return history
+
+
 def entangle_logs(history: list[dict]) -> list[dict]:
     return [h for h in history if ENTANGLE_KEYS & h.keys()]
 
@@ -159,10 +168,7 @@ def test_trl_short_run_monitors_every_nth_step_and_cleans_up(monkeypatch):
     monkeypatch.setattr(hf, "token_heatmap", lambda *a, **k: built.append(1))  # no image logger: never called
     trainer = dpo_trainer(EntangledDPOTrainer, steps=5, entangle_every=2, entangle_images_every=1)
     before = hook_state(trainer.model)
-    trainer.train()
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 5 and losses[-1] < losses[0], losses
+    history = train_and_check_loss(trainer, steps=5)
     monitored = entangle_logs(history)
     assert [h["step"] for h in monitored] == [1, 3, 5]  # global steps 0, 2, 4, logged after their optimizer step
     for h in monitored:
@@ -355,10 +361,7 @@ def test_callback_short_run_logs_and_cleans_up():
     trainer = PairTrainer.make(steps=4, callback=callback)
     assert trainer.callback_handler.callbacks[0] is callback
     before = hook_state(trainer.model)
-    trainer.train()
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    history = train_and_check_loss(trainer, steps=4)
     monitored = entangle_logs(history)
     assert [h["step"] for h in monitored] == [1, 2, 3, 4]
     assert all(ENTANGLE_KEYS <= h.keys() for h in monitored)

@@ -110,7 +110,7 @@ def weighted_gradients(kept: list[KeptUse], lam: Tensor) -> dict[nn.Parameter, T
 
 def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``[N]`` g_t * delta_t . u_t with u_t = D_W h_t + D_b: each token's loss-unit gradient dotted with D."""
-    from entangle_fast.logprobs import _torch_logits, _torch_tiles
+    from entangle_fast.logprobs import _compute_dtype, _row_chunks, _torch_logits, _vocab_tiles
 
     n, v = rec.hidden.shape[0], rec.weight.shape[0]
     h = rec.hidden.to(dtype)
@@ -122,15 +122,17 @@ def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.
         target = target + (h * d_weight.to(dtype)[safe]).sum(-1)
     if d_bias is not None:
         target = target + d_bias.to(dtype)[safe]
-    for rows, c0, c1 in _torch_tiles(n, 0, v):
-        p = torch.exp(_torch_logits(rec.hidden, rec.weight, rec.bias, rows, c0, c1).to(dtype)
-                      - rec.lse[rows, None].to(dtype))
-        u = torch.zeros_like(p)
-        if d_weight is not None:
-            u = u + h[rows] @ d_weight[c0:c1].to(dtype).T
-        if d_bias is not None:
-            u = u + d_bias[c0:c1].to(dtype)
-        expected[rows] += (p * u).sum(-1)
+    cdt = _compute_dtype(rec.hidden.dtype)  # the logits as the op computed them
+    for c0, c1, w, b in _vocab_tiles(rec.weight, rec.bias, 0, v, cdt):
+        dw = d_weight[c0:c1].to(dtype) if d_weight is not None else None
+        for rows in _row_chunks(n):
+            p = torch.exp(_torch_logits(rec.hidden[rows].to(cdt), w, b).to(dtype) - rec.lse[rows, None].to(dtype))
+            u = torch.zeros_like(p)
+            if dw is not None:
+                u = u + h[rows] @ dw.T
+            if d_bias is not None:
+                u = u + d_bias[c0:c1].to(dtype)
+            expected[rows] += (p * u).sum(-1)
     return rec.grad_logprobs.to(dtype) * (target - expected) * valid
 
 
