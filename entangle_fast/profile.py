@@ -52,6 +52,8 @@ from torch import Tensor, nn
 
 from entangle_fast.logprobs import linear_logprobs, output_layer_token_stats
 from entangle_fast.monitor.coverage import Coverage, build_coverage, resolve_params
+from entangle_fast.monitor.kinds.base import CaptureError, as_rows, stock_forward
+from entangle_fast.monitor.kinds.embedding import _LookupRecorder, lookup_scale
 from entangle_fast.monitor.reductions import compute_dtype
 from entangle_fast.preference import (
     IGNORE_INDEX,
@@ -192,12 +194,6 @@ def _ghost_contract(gw: Tensor, gl: Tensor, m: Tensor) -> Tensor:
     return gw.reshape(n, -1) @ folded.reshape(k, -1).T
 
 
-def _linear_dims(module: nn.Module, kind: str) -> tuple[int, int]:
-    """``(d_in, d_out)`` of a Linear (weight [d_out, d_in]) or Conv1D (weight [d_in, d_out])."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if kind == "linear" else (w.shape[0], w.shape[1])
-
-
 class _BackboneCall:
     """Make ``model(input_ids=..., attention_mask=...)`` return the backbone's final hidden states for the duration,
     so ``torch.func.functional_call(model, ...)`` runs the backbone (positions counted as
@@ -273,9 +269,14 @@ class _PairEngine:
         # Every covered module except the head runs inside the backbone. Position-wise modules (norms) give their
         # per-token parameter gradients directly; the others give gamma through a zero perturbation of their output.
         self.captured = [i for i in range(len(coverage.entries)) if i != self.head]
-        self.perturbed = [i for i in self.captured if coverage.entries[i].kind != "positionwise"]
+        # Each kind's reducer says how its per-token gradients are taken: factor forms through an output perturbation
+        # (linear, Conv1D, embeddings) or the module's parameters as inputs of the batched backward ("vector": norms,
+        # the generic per-row kinds).
+        self.form = {i: coverage.entries[i].reducer.profile_form for i in self.captured}
+        self.perturbed = [i for i in self.captured if self.form[i] != "vector"]
         self.vectors = {i: [f"{coverage.entries[i].name}.{a}" for a in coverage.entries[i].tracked]
-                        for i in self.captured if coverage.entries[i].kind == "positionwise"}
+                        for i in self.captured if self.form[i] == "vector"}
+        self.gamma_scale: dict[int, float] = {}
         self.cross = self._cross_pairs()
         self.sketches: dict[int, object] = {}
         self.token_backwards = 0
@@ -316,9 +317,9 @@ class _PairEngine:
         plan = {}
         for idx in self.captured:
             entry = self.cov.entries[idx]
-            if entry.kind == "positionwise":
+            if self.form[idx] == "vector":
                 plan[idx] = "vector"
-            elif entry.kind == "embedding":
+            elif self.form[idx] == "embedding":
                 plan[idx] = "sketch" if self.mode == "sketch" else "ghost"
             elif "weight" not in entry.tracked:
                 plan[idx] = "vector"
@@ -329,7 +330,7 @@ class _PairEngine:
             elif LINEAR_PATH != "auto":
                 plan[idx] = LINEAR_PATH
             else:
-                d_in, d_out = _linear_dims(entry.module, entry.kind)
+                d_in, d_out = entry.reducer.dims(entry.module)
                 ghost = min(tl * pw * pl + tw * tl * pw, tw * pw * pl + tw * tl * pl) * d_out + pw * pl * d_in
                 explicit = (tw * pw + tl * pl + tw * tl) * d_in * d_out
                 plan[idx] = "ghost" if ghost <= explicit else "explicit"
@@ -337,10 +338,10 @@ class _PairEngine:
 
     def _out_width(self, idx: int) -> int:
         entry = self.cov.entries[idx]
-        if entry.kind == "embedding":
+        if self.form[idx] == "embedding":
             return entry.module.embedding_dim
-        if entry.kind in ("linear", "conv1d"):
-            return _linear_dims(entry.module, entry.kind)[1]
+        if self.form[idx] in ("linear", "conv1d"):
+            return entry.reducer.dims(entry.module)[1]
         return sum(p.numel() for p in entry.module.parameters(recurse=False))
 
     def _token_bytes(self, plan: dict[int, str], prefix: int) -> int:
@@ -378,10 +379,7 @@ class _PairEngine:
                 key = users[0][0]
         if key not in self.sketches:
             entry = self.cov.entries[key]
-            if entry.kind == "embedding":  # weight [V, d]: the d side is the input, the V side the output
-                d_in, d_out = entry.module.embedding_dim, entry.module.num_embeddings
-            else:
-                d_in, d_out = _linear_dims(entry.module, entry.kind)
+            d_in, d_out = entry.reducer.dims(entry.module)  # embeddings: the d side is the input, the V side the output
             self.sketches[key] = KroneckerSketch(d_in, d_out, self.k, seed=layer_seed(self.seed, entry.name),
                                                  device=self.weight.device, dtype=self.cdt)
         return self.sketches[key]
@@ -395,19 +393,34 @@ class _PairEngine:
         output-layer token statistics from the same hidden states."""
         input_ids, mask, labels = tensors
         store: dict[int, Tensor] = {}
+        recorders: dict[int, object] = {}
+        rows_, width = input_ids.shape
+
+        def before(idx, module, args, kwargs):
+            recorders[idx] = _LookupRecorder(module.weight, rows_)
+            recorders[idx].__enter__()
 
         def hook(idx, module, args, kwargs, output):
             name = self.cov.entries[idx].name
             if idx in store:
                 raise RuntimeError(f"module {name!r} ran twice in one forward; the profiler needs one call per module")
-            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor) \
-                    or tuple(output.shape[:2]) != tuple(input_ids.shape):
-                raise RuntimeError(f"module {name!r} must take its input as the first positional tensor and return "
-                                   "one [rows, positions, features] tensor")
-            store[idx] = args[0]
+            try:
+                if idx in recorders:  # an embedding subclass: the lookup's own ids, and its output's scale
+                    x, self.gamma_scale[idx] = lookup_scale(recorders.pop(idx), output)
+                elif not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+                    raise CaptureError("it must take its input as the first positional tensor and return a tensor")
+                else:
+                    x = args[0]
+                store[idx] = as_rows(x, rows_, width, ids=self.form[idx] == "embedding")
+            except CaptureError as err:
+                raise RuntimeError(f"module {name!r}: {err}") from err
 
-        handles = [self.cov.entries[i].module.register_forward_hook(partial(hook, i), with_kwargs=True)
-                   for i in self.captured]
+        handles = []
+        for i in self.perturbed:
+            module = self.cov.entries[i].module
+            if self.form[i] == "embedding" and not stock_forward(module, nn.Embedding):
+                handles.append(module.register_forward_pre_hook(partial(before, i), with_kwargs=True))
+            handles.append(module.register_forward_hook(partial(hook, i), with_kwargs=True))
         try:
             hidden = backbone_hidden_states(self.model, input_ids, mask).to(self.weight.dtype)
         finally:
@@ -416,7 +429,7 @@ class _PairEngine:
         acts = []
         for r, row in enumerate(rows):
             span = slice(row.offset, row.offset + int(row.q[-1]) + 1)
-            acts.append({i: (x[r, span] if self.cov.entries[i].kind == "embedding" else x[r, span].to(self.cdt))
+            acts.append({i: (x[r, span] if self.form[i] == "embedding" else x[r, span].to(self.cdt))
                          for i, x in store.items()})
         h = torch.cat([hidden[r, row.offset + row.q] for r, row in enumerate(rows)])
         y = torch.cat([row.y for row in rows])
@@ -449,7 +462,7 @@ class _PairEngine:
         from torch.func import functional_call
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        handles = [self.cov.entries[i].module.register_forward_hook(lambda m, a, o, e=e: o + e)
+        handles = [self.cov.entries[i].module.register_forward_hook(lambda m, a, o, e=e: o + e.reshape(o.shape))
                    for i, e in zip(self.perturbed, eps)]
         try:
             # SDPA's fused CPU/GPU kernels have no vmap batching rule (the batched backward would loop token by
@@ -499,6 +512,8 @@ class _PairEngine:
         entry = self.cov.entries[idx]
         n = g.shape[0]
         g = g.to(self.cdt)
+        if idx in self.gamma_scale:  # the gradient at the module's output, times c, is the one at its lookup
+            g = g * self.gamma_scale[idx]
         if path == "ghost":
             out.gamma[idx] = g
             out.acts[idx] = x

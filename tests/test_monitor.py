@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import entangle_fast.monitor.kinds.linear as linear_kind
 import entangle_fast.monitor.monitor as monitor_mod
 from entangle_fast import preference_logprobs
 from entangle_fast.models import BUILTIN_PAIRS, TinyConfig, build_tokenizer, encode_pairs, tiny_model
@@ -157,7 +158,7 @@ def test_exact_against_per_sequence_gradients(arch, path, padding, monkeypatch):
     check_against_reference(model, monitored_step(model, batch, path, position_attribution=True), grads, params,
                             attribution=True)
 
-    monkeypatch.setattr(monitor_mod, "LINEAR_PATH", "explicit")
+    monkeypatch.setattr(linear_kind, "LINEAR_PATH", "explicit")
 
     def no_ghost(*args, **kwargs):
         raise AssertionError("ghost form used on the explicit path")
@@ -284,7 +285,7 @@ def test_two_forwards_in_one_step_are_refused():
 
 
 class _PositionMixer(nn.Module):
-    """A parameter that mixes positions: not position-wise, so not covered."""
+    """A parameter that mixes positions within a row (not rows): covered by the generic per-row path."""
 
     def __init__(self, d):
         super().__init__()
@@ -294,12 +295,23 @@ class _PositionMixer(nn.Module):
         return x + torch.einsum("rtd,rsd->rtd", x, x) @ self.mix
 
 
+class _RowMixer(nn.Module):
+    """A parameter applied to the batch mean: the rows' gradients cannot be told apart."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(d, d, dtype=torch.float64) / d)
+
+    def forward(self, x):
+        return x + x.mean(0, keepdim=True) @ self.mix
+
+
 class _Toy(nn.Module):
     def __init__(self, vocab=11, d=6, bare=True, mixer=True):
         super().__init__()
         self.embed = nn.Embedding(vocab, d, dtype=torch.float64)
-        self.mixer = _PositionMixer(d) if mixer else nn.Identity()
-        self.scale = nn.Parameter(torch.ones(d, dtype=torch.float64)) if bare else None
+        self.mixer = (mixer if isinstance(mixer, nn.Module) else _PositionMixer(d)) if mixer else nn.Identity()
+        self.scale = nn.Parameter(torch.ones(d, dtype=torch.float64) + 0.1) if bare else None
         self.head = nn.Linear(d, vocab, dtype=torch.float64)
 
     def forward(self, ids, bare_head=False):
@@ -309,12 +321,45 @@ class _Toy(nn.Module):
         return F.linear(h, self.head.weight, self.head.bias) if bare_head else self.head(h)
 
 
-def test_uncovered_parameters_are_named():
-    with pytest.raises(UncoveredParametersError) as err:
-        EntanglementMonitor(_Toy())
-    assert "mixer.mix" in str(err.value) and "scale" in str(err.value)
-    EntanglementMonitor(_Toy(), exclude=("mixer", "scale"))  # the explicit opt-out
+def _toy_step(toy, ids, monitor=None, **kwargs):
+    mon = monitor if monitor is not None else EntanglementMonitor(toy, **kwargs)
+    with mon:
+        lp = torch.log_softmax(toy(ids), -1)[..., 0].sum(-1)
+        b = ids.shape[0] // 2
+        chosen, rejected = lp[:b], lp[b:]
+        mon.watch(chosen, rejected)
+        (chosen * COEF[:b] - rejected).sum().backward()
+    return mon
 
+
+def test_generic_path_is_exact_and_row_mixing_is_refused():
+    """Modules the registry has no cheaper kind for take the generic per-row path, exactly; a module that mixes rows
+    is refused at construction (batch norm) or by the per-row gradient check after the step."""
+    torch.manual_seed(0)
+    toy, ids = _Toy(), torch.randint(0, 11, (6, 5))
+    assert {e.name: e.kind for e in EntanglementMonitor(toy).coverage.entries}[""] == "rowwise"  # the root's scale
+    params = [p for p in toy.parameters()]
+    rows = []
+    for r in range(6):
+        lp = torch.log_softmax(toy(ids), -1)[r, :, 0].sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(lp, params)]))
+    stats = _toy_step(toy, ids).stats
+    assert_exact64(stats.inner, torch.stack([rows[i] @ rows[3 + i] for i in range(3)]), name="inner")
+    assert_exact64(stats.chosen_sq_norm, torch.stack([rows[i] @ rows[i] for i in range(3)]), name="N_w")
+    assert_exact64(stats.rejected_sq_norm, torch.stack([rows[3 + i] @ rows[3 + i] for i in range(3)]), name="N_l")
+
+    bn = nn.Sequential(nn.Embedding(11, 4, dtype=torch.float64), nn.BatchNorm1d(5, dtype=torch.float64))
+    with pytest.raises(UncoveredParametersError, match=r"1\.weight.*batch normalisation"):
+        EntanglementMonitor(bn)
+    EntanglementMonitor(bn, exclude=("1",))  # the explicit opt-out
+
+    mixing = _Toy(mixer=_RowMixer(6), bare=False)
+    mon = _toy_step(mixing, ids)
+    with pytest.raises(RuntimeError, match="'mixer'.*does not act row by row"):
+        mon.stats
+
+
+def test_parameter_used_outside_its_module_is_named():
     toy = _Toy(bare=False, mixer=False)  # the head's weight used outside its module: caught after the backward
     ids = torch.randint(0, 11, (4, 5))
     with EntanglementMonitor(toy) as mon:

@@ -1,19 +1,11 @@
-"""Which parameters the monitor tracks, which module uses each one, and how each module kind is reduced exactly.
+"""Which parameters the monitor tracks, which module uses each one, and which reducer covers each module.
 
-A tracked parameter is covered when every module that owns it is of a kind whose per-sequence gradient the monitor can
-rebuild from what one backward exposes (the module's input and the gradient at its output):
-
-- ``linear``: ``nn.Linear`` (and PEFT's LoRA ``lora_A``/``lora_B``, which are plain ``nn.Linear``), y = x A^T + c.
-- ``conv1d``: transformers' ``Conv1D`` (GPT-2), y = x A + c.
-- ``embedding``: ``nn.Embedding`` with its stock forward (``padding_idx`` honoured; ``max_norm`` and
-  ``scale_grad_by_freq`` refused: they make the gradient depend on the whole batch).
-- ``positionwise``: norms (``nn.LayerNorm``, ``nn.RMSNorm``, any class named ``*LayerNorm``/``*RMSNorm``) and classes
-  registered with :func:`register_positionwise`: modules whose output at a position depends only on the input at that
-  position. Reduced by a per-position vjp of the module with respect to its own parameters.
-
-Anything else that owns a tracked parameter is uncovered: :class:`UncoveredParametersError` lists it by name, unless the
-caller excluded it. A parameter owned by several modules (GPT-2's tied ``wte``/``lm_head``) forms one unit with them;
-its cross terms are added in :mod:`entangle_fast.monitor.reductions`.
+A tracked parameter is covered when every module that owns it is claimed by a reducer of the registry
+(:mod:`entangle_fast.monitor.kinds`): linear maps, Conv1D, embeddings, position-wise modules, and the generic per-row
+path for any other module that acts row by row. Modules that mix rows (batch statistics) are refused:
+:class:`UncoveredParametersError` lists their parameters by name, unless the caller excluded them. A parameter owned
+by several modules (GPT-2's tied ``wte``/``lm_head``) forms one unit with them; its cross terms are added in
+:mod:`entangle_fast.monitor.reductions`.
 """
 from __future__ import annotations
 
@@ -22,49 +14,18 @@ from typing import Iterable
 
 from torch import nn
 
-_POSITIONWISE: set[type] = set()
-
-
-def register_positionwise(cls: type) -> type:
-    """Declare that modules of class ``cls`` act position by position (output at a position depends only on the input
-    at that position and the module's own parameters), so the monitor covers their parameters exactly by a per-position
-    vjp. The module must be called with one ``[rows, positions, features]`` tensor. Usable as a class decorator."""
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_positionwise expects an nn.Module subclass, got {cls!r}")
-    _POSITIONWISE.add(cls)
-    return cls
+from entangle_fast.monitor.kinds import Reducer, reducer_for
+from entangle_fast.monitor.kinds.positionwise import register_positionwise  # noqa: F401  (public re-export)
 
 
 class UncoveredParametersError(ValueError):
     """Trainable parameters whose per-sequence gradients the monitor cannot rebuild exactly; lists them by name."""
 
 
-def _stock_forward(module: nn.Module, base: type) -> bool:
-    return type(module).forward is base.forward and "forward" not in vars(module)
-
-
 def module_kind(module: nn.Module) -> tuple[str | None, str]:
     """``(kind, reason)``: the reduction kind of a module owning tracked parameters, or ``(None, why not)``."""
-    if isinstance(module, nn.Linear):
-        if _stock_forward(module, nn.Linear):
-            return "linear", ""
-        return None, f"{type(module).__name__} overrides nn.Linear.forward"
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return "conv1d", ""
-    if isinstance(module, nn.Embedding):
-        if not _stock_forward(module, nn.Embedding):
-            return None, f"{type(module).__name__} overrides nn.Embedding.forward"
-        if module.max_norm is not None:
-            return None, "nn.Embedding with max_norm renormalises its weight in the forward"
-        if module.scale_grad_by_freq:
-            return None, "nn.Embedding with scale_grad_by_freq scales gradients by batch-wide counts"
-        return "embedding", ""
-    name = type(module).__name__
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm")) \
-            or isinstance(module, tuple(_POSITIONWISE)):
-        return "positionwise", ""
-    return None, (f"{name} is not a module kind the monitor reduces exactly (Linear, Conv1D, Embedding, norms, "
-                  "classes given to register_positionwise)")
+    reducer, why = reducer_for(module)
+    return (reducer.kind if reducer is not None else None), why
 
 
 @dataclass
@@ -73,8 +34,12 @@ class Entry:
 
     name: str
     module: nn.Module
-    kind: str
+    reducer: Reducer
     tracked: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.reducer.kind
 
 
 @dataclass
@@ -168,24 +133,23 @@ def build_coverage(model: nn.Module, params=None, exclude: Iterable = ()) -> Cov
         attrs = tuple(a for a, p in module._parameters.items() if p is not None and id(p) in tracked_ids)
         if not attrs:
             continue
-        kind, why = module_kind(module)
-        if kind is None:
+        reducer, why = reducer_for(module)
+        if reducer is None:
             uncovered += [f"{mname + '.' if mname else ''}{a} ({why})" for a in attrs]
             continue
         idx = len(entries)
-        entries.append(Entry(mname, module, kind, attrs))
+        entries.append(Entry(mname, module, reducer, attrs))
         for a in attrs:
             owners.setdefault(id(module._parameters[a]), []).append((idx, a))
     if uncovered:
         raise UncoveredParametersError(
             "EntanglementMonitor cannot cover these trainable parameters exactly:\n  " + "\n  ".join(uncovered)
-            + "\nPass them (or their modules) in exclude= to leave them out of the statistics, or, for a module whose "
-            "parameters act position by position, declare its class with entangle_fast.monitor.register_positionwise."
+            + "\nPass them (or their modules) in exclude= to leave them out of the statistics."
         )
     shared = {pid: users for pid, users in owners.items() if len(users) > 1}
     for pid, users in shared.items():
         kinds = {entries[i].kind for i, _ in users}
-        if not kinds <= {"linear", "conv1d", "embedding"}:
+        if any(entries[i].reducer.shares is None for i, _ in users):
             raise UncoveredParametersError(
                 f"parameter {names[pid]} is shared by modules of kinds {sorted(kinds)}; the monitor adds cross terms "
                 "between Linear, Conv1D and Embedding uses only. Exclude it to leave it out."

@@ -46,12 +46,9 @@ class KeptUse:
     tok: Tokens | None = None
     token_grads: Tensor | None = None
     record: object | None = None
-
-
-def _token_rows(tok: Tokens) -> Tensor:
-    """``[S]`` the row of every packed token."""
-    counts = tok.cu[1:] - tok.cu[:-1]
-    return torch.repeat_interleave(torch.arange(tok.rows, device=tok.cu.device), counts)
+    reducer: object | None = None
+    module: nn.Module | None = None
+    row_grads: Tensor | None = None
 
 
 def _head_upstream(rec, lam: Tensor) -> Tensor:
@@ -85,26 +82,8 @@ def weighted_gradients(kept: list[KeptUse], lam: Tensor) -> dict[nn.Parameter, T
             if "bias" in use.params:
                 add(use.params["bias"], gb)
             continue
-        tok = use.tok
-        scale = lam.to(tok.gamma.dtype)[_token_rows(tok)]
-        if use.kind == "positionwise":
-            total = (scale[:, None] * use.token_grads.to(scale.dtype)).sum(0)
-            start = 0
-            for p in use.params.values():
-                add(p, total[start : start + p.numel()].reshape(p.shape))
-                start += p.numel()
-            continue
-        g = tok.gamma * scale[:, None]
-        for attr, p in use.params.items():
-            if use.kind == "embedding":
-                grad = torch.zeros(p.shape, dtype=g.dtype, device=g.device).index_add_(0, tok.ids, g)
-            elif attr == "bias":
-                grad = g.sum(0)
-            elif use.kind == "linear":
-                grad = g.T @ tok.a
-            else:  # Conv1D keeps its weight as [d_in, d_out]
-                grad = tok.a.T @ g
-            add(p, grad)
+        for attr, grad in use.reducer.weighted_gradient(use.module, use, lam).items():
+            add(use.params[attr], grad)
     return {owners[k]: v for k, v in out.items()}
 
 
@@ -150,28 +129,7 @@ def gradient_dot(kept: list[KeptUse], direction: dict[int, Tensor], rows: int, d
             r, w = rec.rows_shape
             part = per_token.reshape(r, w).sum(1)
         else:
-            tok = use.tok
-            per_token = torch.zeros(tok.gamma.shape[0], dtype=dtype, device=tok.gamma.device)
-            if use.kind == "positionwise":
-                flat = torch.cat([(b if b is not None else torch.zeros_like(p)).reshape(-1)
-                                  for b, p in zip(blocks.values(), use.params.values())])
-                per_token = use.token_grads.to(dtype) @ flat.to(dtype)
-            else:
-                gamma = tok.gamma.to(dtype)
-                for attr, d in blocks.items():
-                    if d is None:
-                        continue
-                    d = d.to(dtype)
-                    if use.kind == "embedding":
-                        per_token = per_token + (gamma * d[tok.ids]).sum(-1)
-                    elif attr == "bias":
-                        per_token = per_token + gamma @ d
-                    elif use.kind == "linear":
-                        per_token = per_token + (gamma * (tok.a.to(dtype) @ d.T)).sum(-1)
-                    else:
-                        per_token = per_token + (gamma * (tok.a.to(dtype) @ d)).sum(-1)
-            part = torch.zeros(tok.rows, dtype=dtype, device=per_token.device).index_add_(0, _token_rows(tok),
-                                                                                          per_token)
+            part = use.reducer.row_dot(use.module, use, blocks, dtype)
         if part.shape[0] < rows:
             part = torch.nn.functional.pad(part, (0, rows - part.shape[0]))
         out = part if out is None else out + part.to(out.device)

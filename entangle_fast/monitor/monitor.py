@@ -10,6 +10,7 @@ tensors; units that share a parameter (tied embeddings) are reduced once the bac
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from functools import partial
@@ -19,26 +20,14 @@ from torch import Tensor, nn
 
 from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
-from entangle_fast.monitor.coverage import build_coverage
+from entangle_fast.monitor.coverage import UncoveredParametersError, build_coverage
+from entangle_fast.monitor.kinds import CaptureError, Context, Use
 from entangle_fast.monitor.stats import EntanglementStats, classify
 from entangle_fast.token_stats import BackwardRecord, register_stats_listener
-
-# "auto" picks ghost or explicit per linear layer by cost; tests force one path to exercise both.
-LINEAR_PATH = "auto"
-
 
 def _in_backward() -> bool:
     """True while an autograd backward runs (activation checkpointing re-runs forwards then)."""
     return torch._C._current_graph_task_id() != -1
-
-
-class _Use:
-    """One module call's captured tensors: ``x`` its input (ids for an embedding), ``gamma`` its output gradient."""
-
-    __slots__ = ("x", "gamma")
-
-    def __init__(self, x: Tensor):
-        self.x, self.gamma = x, None
 
 
 class EntanglementMonitor:
@@ -94,7 +83,17 @@ class EntanglementMonitor:
         self.position_attribution = bool(position_attribution)
         self.keep_factors = bool(keep_factors)
         self.coverage = build_coverage(model, params, exclude)
+        if self.position_attribution:
+            generic = [e.name for e in self.coverage.entries if e.kind == "rowwise"]
+            if generic:
+                raise UncoveredParametersError(
+                    f"position_attribution needs per-position terms, which the generic per-row path does not give; "
+                    f"these modules take it: {generic}. Exclude them, or leave position_attribution off.")
         self._sketches: dict[int, object] = {}
+        # Parameters of modules on the generic per-row path, checked against autograd's gradient (a shared parameter
+        # sums several uses, so only parameters of one module are checked).
+        self._row_checked = {id(getattr(e.module, a)) for e in self.coverage.entries if e.kind == "rowwise"
+                             for a in e.tracked if id(getattr(e.module, a)) not in self.coverage.shared}
         self._handles: list = []
         self._active = False
         self._reset()
@@ -109,14 +108,18 @@ class EntanglementMonitor:
         self._reset()
         try:
             for idx, entry in enumerate(self.coverage.entries):
+                if getattr(entry.reducer, "needs_before", False):
+                    self._handles.append(entry.module.register_forward_pre_hook(partial(self._on_before, idx),
+                                                                                with_kwargs=True))
                 self._handles.append(entry.module.register_forward_hook(partial(self._on_forward, idx),
                                                                         with_kwargs=True))
             for p in self.coverage.params:
                 self._handles.append(p.register_hook(partial(self._on_param_grad, id(p))))
             roots = {id(self.model): self.model}
-            base = getattr(self.model, "base_model", None)
-            if isinstance(base, nn.Module):
-                roots[id(base)] = base
+            inner = self.model.get_base_model() if callable(getattr(self.model, "get_base_model", None)) else None
+            for candidate in (getattr(self.model, "base_model", None), inner, getattr(inner, "base_model", None)):
+                if isinstance(candidate, nn.Module):
+                    roots[id(candidate)] = candidate
             for root in roots.values():
                 self._handles.append(root.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
             self._handles.append(register_stats_listener(self._on_record))
@@ -145,7 +148,8 @@ class EntanglementMonitor:
             self._handles.pop().remove()
 
     def _reset(self) -> None:
-        self._uses: dict[int, _Use] = {}
+        self._uses: dict[int, Use] = {}
+        self._before: dict[int, object] = {}
         self._calls: Counter = Counter()
         self._record: BackwardRecord | None = None
         self._results: dict[str, R.Terms] = {}
@@ -158,13 +162,15 @@ class EntanglementMonitor:
         self._watch: dict | None = None
         self._rows: int | None = None
         self._rows_hint = 0
+        self._width_hint = 0
         self._replaying = False
         self._attr = {False: None, True: None}  # loss units, log-prob units
         self._stats: EntanglementStats | None = None
         self._final_error: BaseException | None = None
         self._backward_seen = False
         self._kept: list[F.KeptUse] = []
-        self._token_grads: dict[int, Tensor] = {}
+        self._row_sums: dict[int, Tensor] = {}
+        self._param_grads: dict[int, Tensor] = {}
 
     def _fail(self, message: str, err: BaseException | None = None) -> None:
         self._errors.append((message, err))
@@ -173,45 +179,79 @@ class EntanglementMonitor:
         x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         if isinstance(x, Tensor) and x.ndim >= 2:
             self._rows_hint = max(self._rows_hint, x.shape[0])
+            self._width_hint = max(self._width_hint, x.shape[1])
+
+    def _context(self) -> Context:
+        return Context(rows=self._rows_hint, width=self._width_hint, cdt=self._cdt(), mode=self.mode,
+                       positions=self.position_attribution, replay=self._replay)
+
+    @contextlib.contextmanager
+    def _replay(self):
+        """Forward calls a reducer makes itself (per-row and per-item replays) are not captured."""
+        old, self._replaying = self._replaying, True
+        try:
+            yield
+        finally:
+            self._replaying = old
+
+    def _on_before(self, idx, module, args, kwargs):
+        if self._replaying or (_in_backward() and idx in self._captured):
+            return None
+        state = self.coverage.entries[idx].reducer.before(module, args, kwargs, self._context())
+        if state is not None:
+            self._before[idx] = state
+        return None
 
     def _on_forward(self, idx, module, args, kwargs, output):
-        if self._replaying or not isinstance(output, Tensor) or not output.requires_grad:
+        state = self._before.pop(idx, None)
+        if self._replaying:
+            if state is not None:
+                state.__exit__(None, None, None)
             return None
         if _in_backward() and idx in self._captured:
             # Activation checkpointing recomputing a forward the first pass already captured (non-reentrant). The
             # reentrant kind ran its first pass without grad, so its recomputation is the capture.
+            if state is not None:
+                state.__exit__(None, None, None)
             return None
         entry = self.coverage.entries[idx]
+        reducer = entry.reducer
+        if not self._rows_hint and args and isinstance(args[0], Tensor) and args[0].ndim >= 2:
+            # No root forward seen (a submodule called directly): the first captured input gives the layout.
+            self._rows_hint, self._width_hint = args[0].shape[0], args[0].shape[1]
+        try:
+            kw = {"state": state} if getattr(reducer, "needs_before", False) else {}
+            use = reducer.capture(module, args, kwargs, output, self._context(), **kw)
+        except CaptureError as err:
+            self._fail(f"module {entry.name!r}: {err}", err)
+            return None
+        if use is None or not all(t.requires_grad for t in use.outputs):
+            return None  # no gradient will come back (no_grad, or the first pass of reentrant checkpointing)
         self._captured.add(idx)
         self._calls[idx] += 1
         if self._calls[idx] > 1:
             self._fail(f"module {entry.name!r} was called {self._calls[idx]} times in one step; the monitor expects "
                        "one [2B, T] forward per step (chosen rows, then rejected rows)")
             return None
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or (entry.kind == "positionwise" and (len(args) != 1 or kwargs)):
-            self._fail(f"module {entry.name!r} must be called with its input as the one positional tensor argument")
-            return None
-        replaced = None
-        if entry.kind == "embedding" and x.ndim == 2 and x.shape[0] == 1 and self._rows_hint > 1:
-            # Position ids of shape [1, T] (GPT-2 without position_ids): the [1, T, d] output is broadcast over the
-            # rows later, where its per-row gradients are summed away. Expanding it here gives the same values and
-            # the same summed gradient, and lets the output hook see every row.
-            x = x.expand(self._rows_hint, -1)
-            output = replaced = output.expand(self._rows_hint, *output.shape[1:])
-        if output.ndim >= 2:
-            self._rows_hint = max(self._rows_hint, output.shape[0])
-            self._width = max(self._width, output.shape[1])
-        self._uses[idx] = _Use(x.detach())
+        self._width = max(self._width, self._width_hint)
+        self._uses[idx] = use
         self._used.update(id(getattr(module, a)) for a in entry.tracked)
-        output.register_hook(partial(self._on_output_grad, idx))
+        if len(use.outputs) == 1:
+            use.outputs[0].register_hook(partial(self._on_output_grad, idx))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(use.outputs, partial(self._on_output_grads, idx))
+        replaced = use.info.pop("replace", None)
+        use.outputs = ()
         return replaced
+
+    def _on_output_grads(self, idx, grads):
+        self._on_output_grad(idx, tuple(g.detach() if g is not None else None for g in grads))
 
     def _on_output_grad(self, idx, grad):
         use = self._uses.get(idx)
         if use is None:
             return None
-        use.gamma = grad.detach()
+        use.gamma = grad.detach() if isinstance(grad, Tensor) else grad
         self._backward_seen = True
         unit = self.coverage.unit_of[idx]
         if len(self.coverage.units[unit]) == 1:
@@ -220,7 +260,28 @@ class EntanglementMonitor:
 
     def _on_param_grad(self, pid, grad):
         self._grad_seen.add(pid)
+        if pid in self._row_checked:
+            self._param_grads[pid] = grad.detach().clone()
         return None
+
+    def _check_rowwise(self) -> None:
+        """A module on the generic path must act row by row: its per-row gradients sum to the gradient autograd gave
+        its parameters (to rounding), unless it mixes rows."""
+        for idx, total in self._row_sums.items():
+            entry = self.coverage.entries[idx]
+            grads = [self._param_grads.get(id(getattr(entry.module, a))) for a in entry.tracked]
+            if any(g is None for g in grads):
+                continue
+            actual = torch.cat([g.reshape(-1).to(total.dtype) for g in grads])
+            err = (actual - total).abs().max().item() if actual.numel() else 0.0
+            scale = max(actual.abs().max().item() if actual.numel() else 0.0, 1e-30)
+            low = grads[0].dtype in (torch.bfloat16, torch.float16)
+            tol = (1e-9 if total.dtype == torch.float64 else 5e-2 if low else 1e-3) * scale
+            if err > tol:
+                self._fail(f"module {entry.name!r} ({type(entry.module).__name__}) does not act row by row: its per-row "
+                           f"gradients sum to a different gradient than the step's (max difference {err:.3e}, scale "
+                           f"{scale:.3e}); it mixes the rows of the batch, so the monitor cannot split its gradient "
+                           "by pair. Exclude it.")
 
     def _current_head_weight(self) -> Tensor | None:
         """The output embedding's weight as it is now: looked up at backward time, because wrappers such as FSDP2
@@ -346,13 +407,17 @@ class EntanglementMonitor:
     def _keep(self, idx: int, packed: dict) -> None:
         entry = self.coverage.entries[idx]
         params = {a: getattr(entry.module, a) for a in entry.tracked}
-        if idx == self.coverage.head and idx not in self._uses and self._record is not None:
+        if self._is_fused_head(idx):
             self._kept.append(F.KeptUse(entry.name, "head", params, record=self._record))
             return
+        use = self._uses.get(idx)
         tok = self._pack(idx, packed)
-        if tok is not None:
-            self._kept.append(F.KeptUse(entry.name, entry.kind, params, tok=tok,
-                                        token_grads=self._token_grads.pop(idx, None)))
+        if use is None or (tok is None and "row_grads" not in use.info):
+            return
+        reducer = use.info.get("reducer", entry.reducer)
+        self._kept.append(F.KeptUse(entry.name, reducer.kind, params, tok=tok,
+                                    token_grads=use.info.get("token_grads"), reducer=reducer, module=entry.module,
+                                    row_grads=use.info.get("row_grads")))
 
     def _store(self, name: str, terms: R.Terms) -> None:
         if terms.attribution:
@@ -382,65 +447,55 @@ class EntanglementMonitor:
         for i, pw, pl, m in pieces:
             buf[i].index_put_((pw[:, None], pl[None, :]), m.to(buf.dtype), accumulate=True)
 
+    def _is_fused_head(self, idx: int) -> bool:
+        return idx == self.coverage.head and idx not in self._uses and self._record is not None
+
     def _pack(self, idx: int, packed: dict) -> R.Tokens | None:
-        """Pack the captured use of entry ``idx`` (None when its module ran without a gradient coming back)."""
+        """Pack the captured use of entry ``idx`` (None when its module ran without a gradient coming back, or when
+        its kind keeps no packed tokens)."""
         if idx in packed:
             return packed[idx]
         use, entry = self._uses.get(idx), self.coverage.entries[idx]
         if use is None or use.gamma is None:
             return None
-        x, gamma = use.x, use.gamma
-        want = x.shape if entry.kind == "embedding" else x.shape[:-1]
-        if gamma.ndim != 3 or tuple(want) != tuple(gamma.shape[:-1]):
-            raise ValueError(f"input {tuple(x.shape)} and output gradient {tuple(gamma.shape)}: the monitor needs "
-                             "[rows, positions, features] inputs (ids [rows, positions] for an embedding)")
-        if entry.kind == "embedding":
-            pad = entry.module.padding_idx
-            keep = (x != pad) if pad is not None else None  # F.embedding gives padding_idx no gradient
-            tok = R.pack(gamma, ids=x.to(torch.int64), keep=keep, dtype=self._cdt())
-        elif entry.kind == "positionwise":
-            tok = R.pack(gamma, a=x)  # the module's own dtypes: the vjp repeats its arithmetic
-        else:
-            tok = R.pack(gamma, a=x, dtype=self._cdt())
+        reducer = use.info.get("reducer", entry.reducer)
+        if not hasattr(reducer, "pack"):
+            return None
+        ctx = self._context()
+        gamma = reducer.gamma_rows(use, ctx)
+        want = use.x.shape if entry.kind == "embedding" else use.x.shape[:-1]
+        if tuple(want) != tuple(gamma.shape[:-1]):
+            raise CaptureError(f"input {tuple(use.x.shape)} and output gradient {tuple(gamma.shape)} do not match "
+                               "position by position")
+        tok = use.info["tok"] = reducer.pack(use, gamma, self._cdt())
         packed[idx] = tok
         return tok
 
     def _own_terms(self, idx: int, packed: dict) -> R.Terms | None:
         entry = self.coverage.entries[idx]
         positions = self.position_attribution
-        if idx == self.coverage.head and idx not in self._uses and self._record is not None:
+        if self._is_fused_head(idx):
             rec = self._record
             covered = {"weight"} | ({"bias"} if rec.bias is not None else set())
             if set(entry.tracked) != covered:
                 raise ValueError(f"the fused op's statistics cover {sorted(covered)} of the head together; tracked "
                                  f"{sorted(entry.tracked)}")
             return R.fused_head_terms(rec.stats, self._pairs(rec.rows_shape[0]), positions=positions)
-        tok = self._pack(idx, packed)
-        if tok is None:
+        use = self._uses.get(idx)
+        if use is None or use.gamma is None:
             return None
-        pairs = self._pairs(tok.rows)
-        weight, bias = "weight" in entry.tracked, "bias" in entry.tracked
-        if entry.kind in ("linear", "conv1d"):
-            if self.mode == "sketch" and weight:
-                return R.sketch_linear_terms(tok, pairs, self._sketch(idx, tok), weight=weight, bias=bias)
-            path = "ghost" if positions else LINEAR_PATH
-            if path == "auto":
-                path = R.choose_linear_path(tok, pairs, tok.a.shape[1], tok.gamma.shape[1])
-            if path == "ghost":
-                return R.ghost_terms(tok, pairs, weight=weight, bias=bias, positions=positions)
-            return R.explicit_linear_terms(tok, pairs, weight=weight, bias=bias)
-        if entry.kind == "embedding":
-            if positions:
-                return R.ghost_terms(tok, pairs, weight=True, bias=False, positions=True)
-            return R.embedding_sparse_terms(tok, pairs)
-        self._replaying = True
-        try:
-            grads = R.positionwise_token_grads(entry.module, entry.tracked, tok.a, tok.gamma)
-        finally:
-            self._replaying = False
+        reducer = use.info.get("reducer", entry.reducer)
+        tok = self._pack(idx, packed)
+        pairs = self._pairs(tok.rows if tok is not None else self._rows_hint)
+        ctx = self._context()
+        ctx.sketch = partial(self._sketch, idx)
         if self.keep_factors:
-            self._token_grads[idx] = grads
-        return R.token_grad_terms(tok, grads.to(self._cdt()), pairs, positions=positions)
+            use.info["keep_rows"] = True
+        terms = reducer.terms(entry.module, entry.tracked, use, pairs, ctx)
+        if use.info.get("grad_sum") is not None and all(id(getattr(entry.module, a)) in self._row_checked
+                                                        for a in entry.tracked):
+            self._row_sums[idx] = use.info.pop("grad_sum")
+        return terms
 
     def _sketch(self, idx: int, tok: R.Tokens):
         if idx not in self._sketches:
@@ -455,7 +510,7 @@ class EntanglementMonitor:
     def _factors(self, idx: int, attr: str, packed: dict) -> R.Factors | None:
         """The factors of entry ``idx``'s use of its shared parameter ``attr`` (None when it was not used)."""
         entry = self.coverage.entries[idx]
-        if idx == self.coverage.head and idx not in self._uses and self._record is not None:
+        if self._is_fused_head(idx):
             rec = self._record
             rows, width = rec.rows_shape
             cdt = self._cdt()
@@ -465,16 +520,9 @@ class EntanglementMonitor:
                          extras=(rec.lse.reshape(rows, width),), dtype=cdt)
             head = (tok.a, tok.ids, tok.extras[0], tok.gamma[:, 0], rec.weight, rec.bias)
             return R.Factors(tok, "delta", v=tok.a if attr == "weight" else None, head=head)
-        tok = self._pack(idx, packed)
-        if tok is None:
+        if self._pack(idx, packed) is None:
             return None
-        if entry.kind == "embedding":
-            return R.Factors(tok, "ids", v=tok.gamma)
-        if attr == "bias":
-            return R.Factors(tok, "dense", u=tok.gamma)
-        if entry.kind == "linear":
-            return R.Factors(tok, "dense", u=tok.gamma, v=tok.a)
-        return R.Factors(tok, "dense", u=tok.a, v=tok.gamma)  # Conv1D: weight [d_in, d_out]
+        return entry.reducer.factors(entry.module, self._uses[idx], attr, self._context())
 
     def _reduce_shared(self, members: list[int], packed: dict) -> None:
         member_set = set(members)
@@ -519,6 +567,7 @@ class EntanglementMonitor:
                                "(run forward, loss and backward inside it)")
         for unit in range(len(self.coverage.units)):
             self._reduce_unit_safely(unit)
+        self._check_rowwise()
         if self._errors:
             message, err = self._errors[0]
             more = "".join(f"\n  also: {m}" for m, _ in self._errors[1:])

@@ -105,6 +105,27 @@ def pack(gamma: Tensor, *, a: Tensor | None = None, ids: Tensor | None = None, k
     return Tokens(cu, positions, take(gamma), take(a), take(ids), tuple(take(e) for e in extras))
 
 
+def token_rows(tok: Tokens) -> Tensor:
+    """``[S]`` the row of every packed token."""
+    counts = tok.cu[1:] - tok.cu[:-1]
+    return torch.repeat_interleave(torch.arange(tok.rows, device=tok.cu.device), counts)
+
+
+def per_row(tok: Tokens, per_token: Tensor) -> Tensor:
+    """``[R]`` the sums of a per-token quantity ``[S]`` over each row's tokens."""
+    out = torch.zeros(tok.rows, dtype=per_token.dtype, device=per_token.device)
+    return out.index_add_(0, token_rows(tok), per_token)
+
+
+def split_flat(flat: Tensor, params: dict) -> dict:
+    """``attr -> block``: a flat vector over ``params`` (in their order) cut back into their shapes."""
+    out, start = {}, 0
+    for attr, p in params.items():
+        out[attr] = flat[start : start + p.numel()].reshape(p.shape)
+        start += p.numel()
+    return out
+
+
 def all_seg_pairs(pairs: Tensor) -> Tensor:
     """``[3B, 2]``: the B (chosen, rejected) pairs, then (chosen, chosen), then (rejected, rejected)."""
     return torch.cat([pairs, pairs[:, [0, 0]], pairs[:, [1, 1]]])

@@ -1,0 +1,76 @@
+"""Position-wise modules: norms (``nn.LayerNorm``, ``nn.RMSNorm``, any class named ``*LayerNorm``/``*RMSNorm``) and
+classes given to :func:`register_positionwise`: the output at a position depends only on the input at that position.
+
+The input may have any rank ``[rows, positions, ..., features]`` (per-head q/k norms see ``[rows, positions, heads,
+head_dim]``) or be flattened ``[rows * positions, features]``; every vector along the last dimension is one item. Each
+item's parameter gradient comes from a vjp of the module on that item alone (batched with ``vmap``), in the module's
+own dtypes so the vjp repeats its arithmetic; a row's gradient is the sum over its items (docs/math.md section 4.3).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from entangle_fast.monitor import reductions as R
+from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows
+
+_POSITIONWISE: set[type] = set()
+
+
+def register_positionwise(cls: type) -> type:
+    """Declare that modules of class ``cls`` act position by position (the output at a position depends only on the
+    input at that position and the module's own parameters), so the monitor covers their parameters exactly by a
+    per-position vjp instead of the generic per-row path. The module must take its input as the one positional tensor
+    argument, features last. Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_positionwise expects an nn.Module subclass, got {cls!r}")
+    _POSITIONWISE.add(cls)
+    return cls
+
+
+class PositionwiseReducer(Reducer):
+    kind = "positionwise"
+
+    def classify(self, module):
+        name = type(module).__name__
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm")) \
+                or isinstance(module, tuple(_POSITIONWISE)):
+            return True
+        return None
+
+    def capture(self, module, args, kwargs, output, ctx: Context) -> Use:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or len(args) != 1 or kwargs or not isinstance(output, torch.Tensor):
+            raise CaptureError("a position-wise module must be called with its input as the one positional tensor "
+                               "argument and return one tensor")
+        if output.shape != x.shape[:-1] + output.shape[-1:]:
+            raise CaptureError(f"input {tuple(x.shape)} and output {tuple(output.shape)} do not match position by "
+                               "position")
+        rows = as_rows(x.detach(), ctx.rows, ctx.width)
+        positions = x.shape[1] if x.shape[0] == ctx.rows and x.ndim >= 3 else max(ctx.width, 1)
+        return Use(rows, (output,), info={"per_position": max(1, rows.shape[1] // positions)})
+
+    def pack(self, use: Use, gamma, cdt) -> R.Tokens:
+        tok = R.pack(gamma, a=use.x)  # the module's own dtypes: the vjp repeats its arithmetic
+        if use.info["per_position"] > 1:  # several items (heads) at each position
+            tok.positions = tok.positions // use.info["per_position"]
+        return tok
+
+    def terms(self, module, tracked, use, pairs, ctx):
+        tok = use.info["tok"]
+        with ctx.replay():
+            grads = R.positionwise_token_grads(module, tracked, tok.a, tok.gamma)
+        use.info["token_grads"] = grads
+        return R.token_grad_terms(tok, grads.to(ctx.cdt), pairs, positions=ctx.positions)
+
+    def weighted_gradient(self, module, kept, lam):
+        tok = kept.tok
+        scale = lam.to(tok.gamma.dtype)[R.token_rows(tok)]
+        total = (scale[:, None] * kept.token_grads.to(scale.dtype)).sum(0)
+        return R.split_flat(total, kept.params)
+
+    def row_dot(self, module, kept, blocks, dtype):
+        flat = torch.cat([(blocks.get(a) if blocks.get(a) is not None else torch.zeros_like(p)).reshape(-1)
+                          for a, p in kept.params.items()])
+        return R.per_row(kept.tok, kept.token_grads.to(dtype) @ flat.to(dtype))
+
