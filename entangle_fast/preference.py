@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from entangle_fast.ches import ches_scores
 from entangle_fast.logprobs import linear_logprobs
 from entangle_fast.token_stats import TokenStatsHandle
 
@@ -43,6 +44,7 @@ class PreferenceLogprobs:
         chosen_lengths / rejected_lengths: ``[B]`` int64 response-token counts.
         token_mask: ``[2B, T-1]`` bool, the response tokens (rows in TRL's concatenated order).
         token_stats: with ``token_stats=True``, the handle filled by the backward.
+        ches / ches_norm: with ``ches=True``, ``[B]`` detached CHES scores of each pair (:mod:`entangle_fast.ches`).
     """
 
     chosen_token_logps: Tensor
@@ -55,6 +57,8 @@ class PreferenceLogprobs:
     rejected_lengths: Tensor
     token_mask: Tensor
     token_stats: TokenStatsHandle | None = None
+    ches: Tensor | None = None
+    ches_norm: Tensor | None = None
 
 
 def collate_rows(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
@@ -159,6 +163,7 @@ def preference_logprobs(
     impl: str = "auto",
     token_stats: bool = False,
     full_matrices: bool = False,
+    ches: bool = False,
 ) -> PreferenceLogprobs:
     """Chosen and rejected log-probs of a Hugging Face causal LM: one backbone forward, no logits.
 
@@ -168,6 +173,7 @@ def preference_logprobs(
         impl: backend of the fused op (see :func:`~entangle_fast.linear_logprobs`).
         token_stats: compute the output-layer token statistics of each pair (row i with row B + i) in the backward.
         full_matrices: with ``token_stats``, keep the within-response matrices too.
+        ches: also return the pairs' CHES scores from the same hidden states (no gradient).
 
     Returns:
         :class:`PreferenceLogprobs`.
@@ -185,6 +191,7 @@ def preference_logprobs(
     lengths = mask.sum(-1)
     means = sums / lengths.to(sums.dtype)
     b = input_ids.shape[0] // 2
+    ches_pair = ches_scores(hidden, mask) if ches else (None, None)
     return PreferenceLogprobs(
         chosen_token_logps=token_logps[:b],
         rejected_token_logps=token_logps[b:],
@@ -196,4 +203,6 @@ def preference_logprobs(
         rejected_lengths=lengths[b:],
         token_mask=mask,
         token_stats=handle,
+        ches=ches_pair[0],
+        ches_norm=ches_pair[1],
     )
