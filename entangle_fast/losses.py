@@ -590,7 +590,8 @@ def _exo_pair(b: _Batch, *, beta: float = 0.1, label_smoothing: float = 1e-3) ->
 
     dL/dz = q_w q_l (z - log((1 - e) / e)): the pull vanishes at z = log((1 - e)/e) and reverses beyond it.
     ``label_smoothing`` must be in (0, 1); TRL's DPOConfig default 0 is refused there too, so the default here is the
-    EXO paper's recommendation 1e-3. Rewards: beta * (s - r).
+    EXO paper's recommendation 1e-3. TRL 1.16 takes log(e) and log(1 - e) of a float32 tensor; here they are exact
+    in the computation's dtype (the two differ by float32 rounding of those constants). Rewards: beta * (s - r).
     """
     beta, eps = _positive("beta", beta), _finite("label_smoothing", label_smoothing)
     if not 0.0 < eps < 1.0:
