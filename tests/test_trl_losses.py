@@ -136,3 +136,106 @@ class _no_fallback_warning:
         self._catch.__exit__(*exc)
         fallback = [str(w.message) for w in self._records if "without entanglement monitoring" in str(w.message)]
         assert not fallback, fallback
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TRL's chunked log-prob seam
+
+
+@requires_trl
+@pytest.mark.parametrize("n,v,d", [(7, 129, 16), (33, 1001, 24)])
+def test_seam_log_probs_match_trl_chunked_function(n, v, d):
+    from trl.kernels import ChunkedLogProbFunction
+
+    from entangle_fast.integrations.trl import FusedLogProbSeam
+
+    g = torch.Generator().manual_seed(n + v)
+    h64 = torch.randn(n, d, generator=g, dtype=F64)
+    w64 = torch.randn(v, d, generator=g, dtype=F64) / d ** 0.5
+    b64 = torch.randn(v, generator=g, dtype=F64)
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g, dtype=F64)
+
+    def run(fn, dtype):
+        h, w, b = (t.detach().to(dtype).clone().requires_grad_(True) for t in (h64, w64, b64))
+        out = fn.apply(h, w, b, targets, 1.0, 256, None, 1.0, ("log_probs",))
+        assert all(x is None for x in out[1:])
+        (out[0].to(F64) * upstream).sum().backward()
+        return [out[0].detach(), h.grad, w.grad, b.grad]
+
+    FusedLogProbSeam.original = ChunkedLogProbFunction
+    calls = FusedLogProbSeam.calls
+    truth = run(Float64Head, F64)
+    ours, trl_own = run(FusedLogProbSeam, torch.float32), run(ChunkedLogProbFunction, torch.float32)
+    assert FusedLogProbSeam.calls == calls + 1
+    for name, o, t, ref in zip(("log_probs", "grad hidden", "grad weight", "grad bias"), ours, trl_own, truth):
+        # The tolerance rule: no further from the float64 truth than twice TRL's own float32 error, plus 16 ulps.
+        err, err_trl = (o.double() - ref).abs().max().item(), (t.double() - ref).abs().max().item()
+        assert err <= 2 * err_trl + 16 * torch.finfo(torch.float32).eps * ref.abs().max().item(), (name, err, err_trl)
+
+
+@requires_trl
+def test_seam_passes_what_it_cannot_serve_to_trl():
+    from trl.kernels import ChunkedLogProbFunction
+
+    from entangle_fast.integrations.trl import FusedLogProbSeam
+
+    FusedLogProbSeam.original = ChunkedLogProbFunction
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)
+    targets = torch.randint(0, 11, (5,), generator=g)
+    calls = FusedLogProbSeam.calls
+    for args in ((0.7, 64, None, 1.0, ("log_probs",)), (1.0, 64, None, 1.0, ("log_probs", "log_sum_sq_probs"))):
+        ours = FusedLogProbSeam.apply(h, w, None, targets, *args)
+        stock = ChunkedLogProbFunction.apply(h, w, None, targets, *args)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ours, stock))
+    assert FusedLogProbSeam.calls == calls  # a temperature / WPO's output went to TRL's own function
+
+
+@requires_trl
+def test_patch_trl_without_the_seam_logs_one_info_line(monkeypatch, caplog):
+    import logging
+
+    import trl.trainer.utils as trl_utils
+
+    from entangle_fast.integrations.trl import patch_trl, unpatch_trl
+
+    monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
+    try:
+        with caplog.at_level(logging.INFO, logger="entangle_fast.integrations.trl"):
+            patch_trl()
+    finally:
+        unpatch_trl()
+    lines = [r.getMessage() for r in caplog.records if "seam" in r.getMessage()]
+    assert len(lines) == 1 and "no chunked log-prob seam" in lines[0]
+    assert not hasattr(trl_utils, "_ChunkedLogProbFunction")
+
+
+@requires_trl
+def test_script_that_only_adds_patch_trl_logs_entangle_and_trains_the_same(float64_stock_head):
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    from entangle_fast.integrations.trl import EntangledDPOTrainer, FusedLogProbSeam, patch_trl, unpatch_trl
+
+    def script():  # an existing TRL script: it builds `trl.DPOTrainer` and trains
+        trainer = dpo_trainer(trl.DPOTrainer, dtype=F64, steps=3, model=tiny_model("llama", dtype=F64, seed=3))
+        trainer.train()
+        return trainer
+
+    stock = script()
+    try:
+        patch_trl()
+        assert trl_utils._ChunkedLogProbFunction is FusedLogProbSeam
+        assert FusedLogProbSeam.original is Float64Head
+        patched = script()
+    finally:
+        unpatch_trl()
+    assert trl_utils._ChunkedLogProbFunction is Float64Head and trl.DPOTrainer is not EntangledDPOTrainer
+    assert isinstance(patched, EntangledDPOTrainer) and not isinstance(stock, EntangledDPOTrainer)
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (stock, patched)]
+    assert len(losses[0]) == 3
+    assert_exact64(torch.tensor(losses[1], dtype=F64), torch.tensor(losses[0], dtype=F64), name="losses")
+    monitored = entangle_logs(patched.state.log_history)
+    assert len(monitored) == 3 and all(ENTANGLE_KEYS <= h.keys() for h in monitored)
+    assert not entangle_logs(stock.state.log_history)

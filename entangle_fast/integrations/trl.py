@@ -310,6 +310,81 @@ def _unwrap_peft(model):
 _PATCH_SITES = ("trl", "trl.trainer", "trl.trainer.dpo_trainer")
 _saved: dict[str, object] = {}
 
+# TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, TRL >= 1.14) calls this module attribute for the per-token
+# log-probs of the backbone's hidden states; DPO, KTO, GRPO, RLOO and SFT all go through it.
+SEAM_MODULE, SEAM_NAME = "trl.trainer.utils", "_ChunkedLogProbFunction"
+_TOKEN_OUTPUTS = {"entropy", "mean_logits", "is_top1"}
+
+
+class FusedLogProbSeam:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` at TRL's seam: the same ``apply`` arguments
+    (``hidden [N, d], weight [V, d], bias, targets [N], temperature, chunk_size, final_logit_softcapping, logit_scale,
+    outputs``) and the same five outputs (log-probs, entropy, log-sum-of-squared-probs, mean logits, is-top-1), computed
+    by :func:`entangle_fast.linear_logprobs`.
+
+    Calls this op cannot serve exactly are passed to TRL's own function (:attr:`original`): a logit transform
+    (temperature, soft-cap, scale) or per-token metrics when the installed op lacks ``transform``/``token_metrics``;
+    ``log_sum_sq_probs`` (WPO); hidden states and head in different dtypes (autocast). The entropy is returned
+    without gradient (TRL 1.16's trainers use it for logging and entropy masks only).
+    """
+
+    original = None  # TRL's ChunkedLogProbFunction, set by patch_trl
+    calls = 0  # calls served by the fused op (the others went to TRL's function)
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature=1.0, chunk_size=None, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        extra = set(outputs) - {"log_probs"}
+        params = inspect.signature(linear_logprobs).parameters
+        identity = temperature == 1 and final_logit_softcapping is None and logit_scale == 1
+        servable = (
+            (identity or "transform" in params)
+            and extra <= _TOKEN_OUTPUTS
+            and (not extra or "token_metrics" in params)
+            and hidden.dtype == weight.dtype
+        )
+        if not servable:
+            return cls.original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                                      logit_scale, outputs)
+        kwargs = {}
+        if not identity:
+            from entangle_fast.logit_transform import LogitTransform
+
+            cap = None if final_logit_softcapping is None else final_logit_softcapping / temperature
+            kwargs["transform"] = LogitTransform(scale=logit_scale / temperature, softcap=cap)
+        if extra:
+            kwargs["token_metrics"] = True
+        result = linear_logprobs(hidden, weight, targets, bias=bias, **kwargs)
+        cls.calls += 1
+        if not extra:
+            return result, None, None, None, None
+        log_probs, metrics = result[0], result[-1]
+        vocab = weight.shape[0]
+        entropy = metrics.entropy.detach() if "entropy" in extra else None
+        mean_logits = (metrics.logit_sum / vocab).detach() if "mean_logits" in extra else None
+        is_top1 = (metrics.argmax == targets) if "is_top1" in extra else None
+        return log_probs, entropy, None, mean_logits, is_top1
+
+
+def _patch_seam() -> bool:
+    """Install :class:`FusedLogProbSeam` at TRL's chunked log-prob seam; False (one info line) where TRL has none."""
+    import importlib
+
+    try:
+        module = importlib.import_module(SEAM_MODULE)
+    except ImportError:
+        module = None
+    original = getattr(module, SEAM_NAME, None) if module is not None else None
+    if original is None or not callable(getattr(original, "apply", None)):
+        logger.info("patch_trl: trl %s has no chunked log-prob seam (%s.%s); TRL's log-prob heads are left as they are",
+                    trl.__version__, SEAM_MODULE, SEAM_NAME)
+        return False
+    if original is not FusedLogProbSeam:
+        _saved.setdefault(f"{SEAM_MODULE}:{SEAM_NAME}", original)
+        FusedLogProbSeam.original = original
+        setattr(module, SEAM_NAME, FusedLogProbSeam)
+    return True
+
 
 def patch_trl(**entangle_defaults) -> type:
     """Make ``trl.DPOTrainer`` (and ``trl.trainer.DPOTrainer``, ``trl.trainer.dpo_trainer.DPOTrainer``) refer to
@@ -318,6 +393,10 @@ def patch_trl(**entangle_defaults) -> type:
     Call it before the script runs ``from trl import DPOTrainer`` (a name imported earlier keeps the stock class).
     ``entangle_defaults`` (``entangle_every=10``, ...) become the defaults of the patched class. Idempotent; undone by
     :func:`unpatch_trl`. Returns the class now installed.
+
+    Where the installed TRL has its chunked log-prob seam (TRL >= 1.14, :data:`SEAM_MODULE`), TRL's fused LM head is
+    routed through :class:`FusedLogProbSeam` too, so TRL's other trainers (KTO, GRPO, RLOO, SFT) and the reference
+    model's head use this library's op; elsewhere that part is skipped with one info log line.
     """
     import importlib
 
@@ -335,6 +414,7 @@ def patch_trl(**entangle_defaults) -> type:
         module = importlib.import_module(site)
         _saved.setdefault(site, module.__dict__.get("DPOTrainer", _StockDPOTrainer))
         module.DPOTrainer = cls
+    _patch_seam()
     return cls
 
 
@@ -343,7 +423,8 @@ def unpatch_trl() -> None:
     import importlib
 
     for site, original in list(_saved.items()):
-        importlib.import_module(site).DPOTrainer = original
+        module, _, name = site.partition(":")
+        setattr(importlib.import_module(module), name or "DPOTrainer", original)
         del _saved[site]
 
 
