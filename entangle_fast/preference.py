@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from entangle_fast.ches import ches_scores
-from entangle_fast.logprobs import linear_logprobs
+from entangle_fast.logprobs import TokenMetrics, linear_logprobs
 from entangle_fast.token_stats import TokenStatsHandle
 
 IGNORE_INDEX = -100
@@ -45,6 +45,7 @@ class PreferenceLogprobs:
         token_mask: ``[2B, T-1]`` bool, the response tokens (rows in TRL's concatenated order).
         token_stats: with ``token_stats=True``, the handle filled by the backward.
         ches / ches_norm: with ``ches=True``, ``[B]`` detached CHES scores of each pair (:mod:`entangle_fast.ches`).
+        token_metrics: with ``token_metrics=True``, the ``[2B, T-1]`` per-token metrics of the fused op.
     """
 
     chosen_token_logps: Tensor
@@ -59,6 +60,7 @@ class PreferenceLogprobs:
     token_stats: TokenStatsHandle | None = None
     ches: Tensor | None = None
     ches_norm: Tensor | None = None
+    token_metrics: TokenMetrics | None = None
 
 
 def collate_rows(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
@@ -164,6 +166,7 @@ def preference_logprobs(
     token_stats: bool = False,
     full_matrices: bool = False,
     ches: bool = False,
+    token_metrics: bool = False,
 ) -> PreferenceLogprobs:
     """Chosen and rejected log-probs of a Hugging Face causal LM: one backbone forward, no logits.
 
@@ -174,6 +177,7 @@ def preference_logprobs(
         token_stats: compute the output-layer token statistics of each pair (row i with row B + i) in the backward.
         full_matrices: with ``token_stats``, keep the within-response matrices too.
         ches: also return the pairs' CHES scores from the same hidden states (no gradient).
+        token_metrics: also return the fused op's per-token entropy, logit sum and argmax (same pass).
 
     Returns:
         :class:`PreferenceLogprobs`.
@@ -184,7 +188,10 @@ def preference_logprobs(
     shifted = labels[:, 1:].contiguous()
     hidden = hidden[:, :-1].to(weight.dtype)
     result = linear_logprobs(hidden, weight, shifted, bias=bias, impl=impl, token_stats=token_stats,
-                             full_matrices=full_matrices)
+                             full_matrices=full_matrices, token_metrics=token_metrics)
+    metrics = result[-1] if token_metrics else None
+    if token_metrics:
+        result = result[:-1] if token_stats else result[0]
     token_logps, handle = result if token_stats else (result, None)
     mask = shifted != IGNORE_INDEX
     sums = token_logps.sum(-1)
@@ -205,4 +212,5 @@ def preference_logprobs(
         token_stats=handle,
         ches=ches_pair[0],
         ches_norm=ches_pair[1],
+        token_metrics=metrics,
     )

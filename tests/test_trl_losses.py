@@ -185,11 +185,22 @@ def test_seam_passes_what_it_cannot_serve_to_trl():
     h, w = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)
     targets = torch.randint(0, 11, (5,), generator=g)
     calls = FusedLogProbSeam.calls
-    for args in ((0.7, 64, None, 1.0, ("log_probs",)), (1.0, 64, None, 1.0, ("log_probs", "log_sum_sq_probs"))):
-        ours = FusedLogProbSeam.apply(h, w, None, targets, *args)
-        stock = ChunkedLogProbFunction.apply(h, w, None, targets, *args)
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ours, stock))
-    assert FusedLogProbSeam.calls == calls  # a temperature / WPO's output went to TRL's own function
+    wpo = (1.0, 64, None, 1.0, ("log_probs", "log_sum_sq_probs"))
+    ours = FusedLogProbSeam.apply(h, w, None, targets, *wpo)
+    stock = ChunkedLogProbFunction.apply(h, w, None, targets, *wpo)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ours, stock))
+    assert FusedLogProbSeam.calls == calls  # WPO's output went to TRL's own function
+    # A temperature and soft-cap with every metric TRL's trainers request: served by the op where it takes
+    # `transform` and `token_metrics`, equal to TRL's to float32 accuracy either way.
+    args = (0.7, 64, 3.0, 1.0, ("log_probs", "entropy", "mean_logits", "is_top1"))
+    ours = FusedLogProbSeam.apply(h, w, None, targets, *args)
+    stock = ChunkedLogProbFunction.apply(h, w, None, targets, *args)
+    for a, b in zip(ours, stock):
+        assert (a is None) == (b is None)
+        if a is not None and a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        elif a is not None:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a, b)
 
 
 @requires_trl
@@ -239,3 +250,25 @@ def test_script_that_only_adds_patch_trl_logs_entangle_and_trains_the_same(float
     monitored = entangle_logs(patched.state.log_history)
     assert len(monitored) == 3 and all(ENTANGLE_KEYS <= h.keys() for h in monitored)
     assert not entangle_logs(stock.state.log_history)
+
+
+@requires_trl
+def test_token_metrics_logged_with_the_monitor_equal_stock_trl_in_float32():
+    from trl import DPOTrainer
+
+    from entangle_fast.integrations.trl import HAS_TOKEN_METRICS, EntangledDPOTrainer
+
+    if not HAS_TOKEN_METRICS:
+        pytest.skip("needs TokenMetrics")
+    stock = dpo_trainer(DPOTrainer, steps=2)
+    ours = dpo_trainer(EntangledDPOTrainer, steps=2, entangle_every=1)
+    for trainer in (stock, ours):
+        trainer.train()
+    keys = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+    logs = [[h for h in t.state.log_history if "loss" in h] for t in (stock, ours)]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for h_stock, h_ours in zip(*logs):
+        assert ENTANGLE_KEYS <= h_ours.keys()
+        for key in keys:
+            assert abs(h_ours[key] - h_stock[key]) <= 1e-5 * max(1.0, abs(h_stock[key])), (key, h_ours[key],
+                                                                                         h_stock[key])
