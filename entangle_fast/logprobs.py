@@ -1,20 +1,29 @@
-"""Fused per-token log-probs ``log_softmax(h W^T + b)[y]`` without materialising the ``[N, V]`` logits.
+"""Fused per-token log-probs ``log_softmax(f(h W^T + b))[y]`` without materialising the ``[N, V]`` logits.
 
-Forward: online log-sum-exp over vocabulary tiles plus the target logit; saves ``lse [N]``.
-Backward: recomputes each logit tile from ``lse`` and forms delta = e_y - p, giving
+``f`` is the model's logit transform (:class:`~entangle_fast.logit_transform.LogitTransform`: a scale, then an
+optional soft-cap; the identity by default); write l = h W^T + b and z = f(l).
+Forward: online log-sum-exp of z over vocabulary tiles plus the target z_y; saves ``lse [N]``. With
+``token_metrics`` the same walk also keeps, per row, the entropy of softmax(z) (online, rescaled with the running max
+like the sum), the sum of z and its argmax (:class:`TokenMetrics`).
+Backward: recomputes each logit tile from ``lse`` and forms delta = f'(l) (e_y - p), giving
 ``r = delta W`` (the unscaled hidden gradient, ``grad_h = g * r``), ``grad_W += (g delta)^T h`` and
 ``grad_b += sum g delta``. When token statistics are asked for, the same backward runs vocabulary chunk by chunk and
-adds each chunk's probability products to every pair's ``P_w P_l^T`` (docs/math.md sections 3.1 and 7).
+adds each chunk's probability products to every pair's ``P_w P_l^T`` (docs/math.md sections 3.1 and 7); under a
+soft-cap f'(l) varies over the vocabulary, so the chunks hold the deltas themselves and their products are
+accumulated instead (:class:`~entangle_fast.token_stats.PairLayout`).
 
 Vertical slice: ``kernels/logprob.py`` (Triton) and the chunked PyTorch path below share one contract
 (``*_fwd``/``*_bwd``); :class:`LinearLogprobFunction` calls whichever :func:`resolve_impl` picked.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from entangle_fast._backend import resolve_impl
+from entangle_fast.logit_transform import IDENTITY, LogitTransform
 from entangle_fast.token_stats import (
     BackwardRecord,
     OutputLayerTokenStats,
@@ -62,40 +71,90 @@ def _torch_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.addmm(b, h, w.T) if b is not None else h @ w.T
 
 
-def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index):
-    """PyTorch path of the forward contract: returns ``(logprobs [N], lse [N])`` in fp32 (fp64 for fp64 inputs).
+def transform_args(transform: LogitTransform | None) -> tuple[float, float]:
+    """The scalars every backend takes for ``transform``: ``(scale, softcap)``, softcap 0.0 meaning none."""
+    if transform is None:
+        return 1.0, 0.0
+    return float(transform.scale), float(transform.softcap or 0.0)
 
-    Online log-sum-exp over vocabulary tiles; each tile is exponentiated in place, so one tile is alive at a time.
+
+def _transform_tile_(logits: Tensor, scale: float, softcap: float, derivative: bool = False):
+    """``z = f(l)`` in place on one logit tile; with ``derivative``, also ``f'(l)``: None for the identity, the float
+    ``scale`` for a pure scale, else a tile. Returns ``(z, f')``."""
+    if softcap:
+        t = logits.mul_(scale / softcap).tanh_()
+        fprime = (1 - t * t).mul_(scale) if derivative else None
+        return t.mul_(softcap), fprime
+    if scale != 1.0:
+        logits.mul_(scale)
+    return logits, (None if scale == 1.0 else scale)
+
+
+def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index, *, scale=1.0, softcap=0.0, metrics=False):
+    """PyTorch path of the forward contract: returns ``(logprobs [N], lse [N])`` in fp32 (fp64 for fp64 inputs), the
+    log-probs and log-sum-exp of ``z = f(l)`` (``scale``, ``softcap``: see :func:`transform_args`).
+
+    With ``metrics``, returns ``(logprobs, lse, entropy [N], logit_sum [N], argmax [N] int64)`` of softmax(z), every
+    row included (ignored ones too). Online log-sum-exp over vocabulary tiles; each tile is exponentiated in place, so
+    one tile is alive at a time (two with ``metrics``).
     """
     n, v = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
-    running_max = torch.full((n,), float("-inf"), dtype=cdt, device=hidden.device)
-    running_sum = torch.zeros(n, dtype=cdt, device=hidden.device)
-    target = torch.zeros(n, dtype=cdt, device=hidden.device)
+    dev = hidden.device
+    running_max = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
+    running_sum = torch.zeros(n, dtype=cdt, device=dev)
+    target = torch.zeros(n, dtype=cdt, device=dev)
+    if metrics:
+        # running_ent = sum_v exp(z_v - m) (z_v - m) with m the running max: entropy = log s - running_ent / s
+        # without the cancellation of lse - E[z] when the logits are large.
+        running_ent = torch.zeros(n, dtype=cdt, device=dev)
+        logit_sum = torch.zeros(n, dtype=cdt, device=dev)
+        argmax = torch.zeros(n, dtype=torch.int64, device=dev)
     for c0, c1, w, b in _vocab_tiles(weight, bias, 0, v, cdt):
         for rows in _row_chunks(n):
-            z = _torch_logits(hidden[rows].to(cdt), w, b)
+            z, _ = _transform_tile_(_torch_logits(hidden[rows].to(cdt), w, b), scale, softcap)
             lab = labels[rows]
             inside = (lab >= c0) & (lab < c1)
             picked = z.gather(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
             target[rows] = torch.where(inside, picked, target[rows])
             old_max = running_max[rows]
-            new_max = torch.maximum(old_max, z.amax(dim=1))
-            tile_sum = z.sub_(new_max[:, None]).exp_().sum(dim=1)
+            if not metrics:
+                new_max = torch.maximum(old_max, z.amax(dim=1))
+                tile_sum = z.sub_(new_max[:, None]).exp_().sum(dim=1)
+            else:
+                logit_sum[rows] += z.sum(dim=1)
+                tile_max, tile_arg = z.max(dim=1)  # first index of the maximum
+                new_max = torch.maximum(old_max, tile_max)
+                # Strictly greater: on a tie the earlier tile, hence the lower index, keeps the argmax.
+                argmax[rows] = torch.where(tile_max > old_max, tile_arg + c0, argmax[rows])
+                d = z.sub_(new_max[:, None])
+                e = d.exp()
+                tile_sum = e.sum(dim=1)
+                tile_ent = e.mul_(d).sum(dim=1)
+                old_sum, shift = running_sum[rows], old_max - new_max
+                # Rebase the old terms on the new max: (z - m_new) = (z - m_old) + shift. Before the first tile the
+                # sum is 0 and shift is -inf: keep 0 rather than 0 * inf.
+                rebased = torch.exp(shift) * (running_ent[rows] + shift * old_sum)
+                running_ent[rows] = torch.where(old_sum > 0, rebased, torch.zeros_like(rebased)) + tile_ent
             running_sum[rows] = running_sum[rows] * torch.exp(old_max - new_max) + tile_sum
             running_max[rows] = new_max
     lse = running_max + torch.log(running_sum)
     logprobs = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
-    return logprobs, lse
+    if not metrics:
+        return logprobs, lse
+    entropy = torch.log(running_sum) - running_ent / running_sum
+    return logprobs, lse, entropy, logit_sum, argmax
 
 
 def torch_logprob_bwd(
     hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
     grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out,
+    scale=1.0, softcap=0.0, delta_out=None,
 ):
     """PyTorch path of the backward contract (see ``kernels/logprob.py``): adds into ``grad_hidden_unscaled [N, d]``
     (compute dtype), ``grad_weight [V, d]`` and ``grad_bias [V]`` over vocab ``[vocab_start, vocab_end)``, and writes
-    ``probs_out [N, vocab_end - vocab_start]`` when given.
+    ``probs_out [N, vocab_end - vocab_start]`` (p = softmax(z)) and ``delta_out`` (same shape, f'(l) (e_y - p)) when
+    given; both 0 on ignored rows. ``lse`` is that of z = f(l).
 
     Unlike the kernels, ``grad_weight`` may have the weight's own dtype: each vocabulary tile's weight gradient is
     summed over all rows in the compute dtype and added once, so a zero-filled bf16 buffer receives the rounded sums.
@@ -112,14 +171,20 @@ def torch_logprob_bwd(
             acc = grad_weight[c0:c1] if grad_weight.dtype == cdt else torch.zeros_like(w)
         for rows in _row_chunks(n):
             h = hidden[rows].to(cdt)
-            du = _torch_logits(h, w, b).sub_(lse_masked[rows, None]).exp_()
+            z, fprime = _transform_tile_(_torch_logits(h, w, b), scale, softcap, derivative=True)
+            du = z.sub_(lse_masked[rows, None]).exp_()
+            cols = slice(c0 - vocab_start, c1 - vocab_start)
             if probs_out is not None:
-                probs_out[rows, c0 - vocab_start : c1 - vocab_start] = du
+                probs_out[rows, cols] = du
             du.neg_()  # du = e_y - p
             lab = labels[rows]
             # + e_y on the rows whose label lies in this tile (a scatter, no host sync on CUDA).
             inside = valid[rows] & (lab >= c0) & (lab < c1)
             du.scatter_add_(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None], inside.to(cdt)[:, None])
+            if fprime is not None:  # dl/dl_v = f'(l_v) dl/dz_v
+                du.mul_(fprime)
+            if delta_out is not None:
+                delta_out[rows, cols] = du
             grad_hidden_unscaled[rows].addmm_(du, w)
             if acc is not None or grad_bias is not None:
                 gdu = du.mul_(g[rows, None])
@@ -136,12 +201,25 @@ def _backend_fns(impl: str):
     if impl == "triton":
         from entangle_fast.kernels import logprob_bwd, logprob_fwd
 
-        return logprob_fwd, logprob_bwd
+        return _plain_launchers(logprob_fwd, logprob_bwd)
     if impl == "cuda":
         from entangle_fast._cuda import cuda_logprob_bwd, cuda_logprob_fwd
 
-        return cuda_logprob_fwd, cuda_logprob_bwd
+        return _plain_launchers(cuda_logprob_fwd, cuda_logprob_bwd)
     return torch_logprob_fwd, torch_logprob_bwd
+
+
+def _plain_launchers(fwd, bwd):
+    """Launchers without the transform and metrics arguments, called only with their defaults (see :func:`_route`)."""
+    def plain_fwd(*args, scale=1.0, softcap=0.0, metrics=False):
+        assert scale == 1.0 and not softcap and not metrics, "routed to a kernel without transform/metrics support"
+        return fwd(*args)
+
+    def plain_bwd(*args, scale=1.0, softcap=0.0, delta_out=None, **kwargs):
+        assert scale == 1.0 and not softcap and delta_out is None, "routed to a kernel without transform support"
+        return bwd(*args, **kwargs)
+
+    return plain_fwd, plain_bwd
 
 
 def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None):
@@ -159,12 +237,14 @@ def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None)
 def fused_backward(
     impl, hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
     need_weight_grad: bool, need_bias_grad: bool, layout: PairLayout | None,
+    transform: LogitTransform | None = None,
 ):
-    """One pass of the fused backward over the whole vocabulary.
+    """One pass of the fused backward over the whole vocabulary, ``lse`` being that of ``z = transform(l)``.
 
     Returns ``(r [N, d], grad_weight [V, d] | None, grad_bias [V] | None)``: ``r`` and ``grad_bias`` in the compute
-    dtype, ``grad_weight`` in the weight's dtype. When ``layout`` is given, each vocabulary chunk's probabilities are
-    added to its pair products before the next chunk overwrites them.
+    dtype, ``grad_weight`` in the weight's dtype. When ``layout`` is given, each vocabulary chunk's probabilities (or,
+    when ``layout.accumulates_deltas``, its deltas f'(l) (e_y - p)) are added to its pair products before the next
+    chunk overwrites them.
 
     The kernels add into fp32 with atomics. For a bf16/fp16 weight they do so one vocabulary chunk at a time into an
     fp32 buffer of at most GRAD_WEIGHT_CHUNK_ELEMENTS, rounded into the output after each chunk, rather than into a
@@ -172,6 +252,7 @@ def fused_backward(
     tile over all rows before adding it, so it writes any dtype directly.
     """
     _, bwd = _backend_fns(impl)
+    scale, softcap = transform_args(transform)
     n, v = hidden.shape[0], weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     r = torch.zeros(n, hidden.shape[1], dtype=cdt, device=hidden.device)
@@ -191,14 +272,35 @@ def fused_backward(
         chunk_gw = gw
         if staged:
             chunk_gw = stage[: v1 - v0].zero_()
+        deltas = layout is not None and layout.accumulates_deltas
         bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
-            grad_hidden_unscaled=r, grad_weight=chunk_gw, grad_bias=gb,
-            vocab_start=v0, vocab_end=v1, probs_out=chunk_probs)
+            grad_hidden_unscaled=r, grad_weight=chunk_gw, grad_bias=gb, vocab_start=v0, vocab_end=v1,
+            probs_out=None if deltas else chunk_probs, scale=scale, softcap=softcap,
+            delta_out=chunk_probs if deltas else None)
         if staged:
             gw[v0:v1] = chunk_gw
         if layout is not None:
             layout.accumulate(chunk_probs)
     return r, gw, gb
+
+
+@dataclass
+class TokenMetrics:
+    """Per-token metrics of softmax(z), z = f(h W^T + b), from the forward's own walk over the vocabulary.
+
+    Every tensor has the shape of ``labels``. Values are computed on every position, ignored ones
+    (``labels == ignore_index``) included: they are defined there, and callers average over the positions they want
+    (TRL averages over completion tokens itself). No gradient flows through them.
+
+    Attributes:
+        entropy: ``-sum_v p_v log p_v``, float32 (float64 for float64 inputs).
+        logit_sum: ``sum_v z_v`` (the transformed logits), float32 (float64 for float64 inputs).
+        argmax: ``argmax_v z_v``, int64, the lowest index on ties.
+    """
+
+    entropy: Tensor
+    logit_sum: Tensor
+    argmax: Tensor
 
 
 class _StatsRequest:
@@ -210,29 +312,35 @@ class _StatsRequest:
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """Autograd node of :func:`linear_logprobs` on flattened ``hidden [N, d]``, ``labels [N]``."""
+    """Autograd node of :func:`linear_logprobs` on flattened ``hidden [N, d]``, ``labels [N]``.
+
+    Outputs ``(logprobs, lse)``, plus ``(entropy, logit_sum, argmax)`` when ``metrics``; only the log-probs are
+    differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, impl, stats_request):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, impl, stats_request, transform, metrics):
         fwd, _ = _backend_fns(impl)
-        logprobs, lse = fwd(hidden, weight, labels, bias, ignore_index)
+        scale, softcap = transform_args(transform)
+        out = fwd(hidden, weight, labels, bias, ignore_index, scale=scale, softcap=softcap, metrics=metrics)
+        logprobs, lse = out[0], out[1]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ignore_index, ctx.impl, ctx.stats_request = ignore_index, impl, stats_request
-        ctx.mark_non_differentiable(lse)
-        return logprobs.float() if hidden.dtype != torch.float64 else logprobs, lse
+        ctx.ignore_index, ctx.impl, ctx.stats_request, ctx.transform = ignore_index, impl, stats_request, transform
+        ctx.mark_non_differentiable(*out[1:])
+        return (logprobs.float() if hidden.dtype != torch.float64 else logprobs, *out[1:])
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_lse):
+    def backward(ctx, grad_logprobs, *_grad_rest):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         req: _StatsRequest | None = ctx.stats_request
+        transform = ctx.transform or IDENTITY
         g = grad_logprobs.to(_compute_dtype(hidden.dtype)).contiguous()
         layout = None
         if req is not None:
-            layout = PairLayout(req.labels_2d, req.pairs, req.ignore_index, _compute_dtype(hidden.dtype))
+            layout = PairLayout(req.labels_2d, req.pairs, req.ignore_index, _compute_dtype(hidden.dtype), transform)
         r, gw, gb = fused_backward(
             ctx.impl, hidden, weight, labels, bias, lse, g, ctx.ignore_index,
             need_weight_grad=ctx.needs_input_grad[1], need_bias_grad=bias is not None and ctx.needs_input_grad[2],
-            layout=layout,
+            layout=layout, transform=transform,
         )
         if req is not None:
             stats = finalize_token_stats(layout, hidden, weight, bias, labels, lse, r, g, req.full_matrices)
@@ -240,15 +348,19 @@ class LinearLogprobFunction(torch.autograd.Function):
                 req.handle._stats = stats
             for listener in req.listeners:
                 listener(BackwardRecord(hidden, weight, bias, labels, lse, g, ctx.ignore_index,
-                                        tuple(req.labels_2d.shape), stats))
+                                        tuple(req.labels_2d.shape), stats, transform))
         # r is not read after this point: scale it in place (an [N, d] fp32 buffer less at the peak).
         grad_hidden = r.mul_(g[:, None]).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = gw
         grad_bias = gb.to(bias.dtype) if gb is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int) -> None:
+def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int,
+              transform=None) -> None:
+    if transform is not None and not isinstance(transform, LogitTransform):
+        raise TypeError(f"transform must be an entangle_fast.logit_transform.LogitTransform or None, got "
+                        f"{type(transform).__name__}")
     floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     if not isinstance(hidden, Tensor) or hidden.dtype not in floats:
         raise TypeError(f"hidden must be a float32/bfloat16/float16/float64 tensor, got {getattr(hidden, 'dtype', type(hidden))}")
@@ -280,6 +392,22 @@ def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | Non
             )
 
 
+# Backends whose launchers take the transform scalars and the metrics flag (the PyTorch path always does).
+_KERNELS_WITH_TRANSFORM_AND_METRICS: tuple[str, ...] = ()
+
+
+def _route(backend: str, impl: str, transform: LogitTransform | None, token_metrics: bool) -> str:
+    """The backend that runs: ``impl="auto"`` falls back to the PyTorch path for a feature its kernel lacks; an
+    explicit kernel backend raises naming it."""
+    needs = [name for name, on in (("transform", transform is not None and not transform.identity),
+                                   ("token_metrics", token_metrics)) if on]
+    if backend == "torch" or not needs or backend in _KERNELS_WITH_TRANSFORM_AND_METRICS:
+        return backend
+    if impl == "auto":
+        return "torch"
+    raise NotImplementedError(f"impl={impl!r} does not implement {' and '.join(needs)} yet; use impl='torch'")
+
+
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -291,8 +419,10 @@ def linear_logprobs(
     pairs: Tensor | list | None = None,
     token_stats: bool = False,
     full_matrices: bool = False,
-) -> Tensor | tuple[Tensor, TokenStatsHandle]:
-    """Per-token ``log_softmax(hidden @ weight.T + bias)[labels]`` without materialising the logits.
+    transform: LogitTransform | None = None,
+    token_metrics: bool = False,
+):
+    """Per-token ``log_softmax(f(hidden @ weight.T + bias))[labels]`` without materialising the logits.
 
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` under any upstream gradient. Peak extra memory is one
     ``[rows, vocab]`` tile (PyTorch path) or none beyond ``[N]`` (Triton), independent of N.
@@ -301,19 +431,28 @@ def linear_logprobs(
         hidden: ``[..., d]`` final hidden states (after the final norm), fp32/bf16/fp16 (fp64 on the PyTorch path).
         weight: ``[V, d]`` output embedding, same dtype. bias: ``[V]`` or None.
         labels: ``[...]`` int64 targets aligned with ``hidden`` (no shift here); ``ignore_index`` marks skipped tokens.
-        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"torch"`` (``"cuda"`` raises until built).
+        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"cuda"`` (CUDA C++ kernels of csrc/),
+            ``"torch"``.
         pairs: with ``token_stats``: ``[P, 2]`` (chosen row, rejected row) over the rows of ``hidden [R, T, d]``;
             default row i with row R/2 + i (TRL's concatenated layout).
         token_stats: also compute :class:`~entangle_fast.token_stats.OutputLayerTokenStats` in the backward; requires
-            ``hidden [R, T, d]``. Returns ``(logprobs, handle)``; ``handle.stats`` is filled by ``.backward()``.
+            ``hidden [R, T, d]``. Adds a :class:`TokenStatsHandle` to the result; ``handle.stats`` is filled by
+            ``.backward()``.
         full_matrices: with ``token_stats``, also keep the within-response ``[T_w, T_w]``/``[T_l, T_l]`` matrices.
+        transform: the model's :class:`~entangle_fast.logit_transform.LogitTransform` ``f`` (scale, soft-cap), applied
+            to the head's logits before the softmax; gradients and token statistics go through ``f'``. None: identity.
+        token_metrics: also return :class:`TokenMetrics` (entropy, sum and argmax of z per token, shaped like
+            ``labels``), computed in the same forward walk over the vocabulary; no gradient flows through them.
 
     Returns:
-        ``[...]`` float32 log-probs (float64 for float64 inputs), exactly 0 where ``labels == ignore_index``;
-        with ``token_stats=True`` a tuple ``(logprobs, TokenStatsHandle)``.
+        ``[...]`` float32 log-probs (float64 for float64 inputs), exactly 0 where ``labels == ignore_index``; with
+        ``token_stats`` and/or ``token_metrics`` a tuple ``(logprobs, handle)``, ``(logprobs, metrics)`` or
+        ``(logprobs, handle, metrics)``.
     """
-    _validate(hidden, weight, labels, bias, ignore_index)
-    backend = resolve_impl(impl, hidden.device, hidden.dtype)
+    _validate(hidden, weight, labels, bias, ignore_index, transform)
+    backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, token_metrics)
+    if transform is not None and transform.identity:
+        transform = None
     listeners = active_listeners()
     request = None
     handle = TokenStatsHandle() if token_stats else None
@@ -325,16 +464,24 @@ def linear_logprobs(
     elif pairs is not None:
         raise ValueError("pairs= only matters with token_stats=True")
     lead = hidden.shape[:-1]
+
+    def result(logprobs, metrics):
+        extra = ((handle,) if token_stats else ()) + ((metrics,) if token_metrics else ())
+        return (logprobs, *extra) if extra else logprobs
+
     if hidden.numel() == 0 or labels.numel() == 0:
-        empty = hidden.new_zeros(lead, dtype=_compute_dtype(hidden.dtype)) + 0 * hidden.sum() + 0 * weight.sum()
-        return (empty, handle) if token_stats else empty
+        cdt = _compute_dtype(hidden.dtype)
+        empty = hidden.new_zeros(lead, dtype=cdt) + 0 * hidden.sum() + 0 * weight.sum()
+        metrics = TokenMetrics(hidden.new_zeros(lead, dtype=cdt), hidden.new_zeros(lead, dtype=cdt),
+                               torch.zeros(lead, dtype=torch.int64, device=hidden.device)) if token_metrics else None
+        return result(empty, metrics)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    logprobs, _ = LinearLogprobFunction.apply(
+    out = LinearLogprobFunction.apply(
         h2, weight.contiguous(), bias.contiguous() if bias is not None else None,
-        labels.reshape(-1).to(torch.int64).contiguous(), ignore_index, backend, request,
+        labels.reshape(-1).to(torch.int64).contiguous(), ignore_index, backend, request, transform, token_metrics,
     )
-    logprobs = logprobs.reshape(lead)
-    return (logprobs, handle) if token_stats else logprobs
+    metrics = TokenMetrics(*(t.reshape(lead) for t in out[2:])) if token_metrics else None
+    return result(out[0].reshape(lead), metrics)
 
 
 @torch.no_grad()
@@ -348,25 +495,29 @@ def output_layer_token_stats(
     ignore_index: int = -100,
     impl: str = "auto",
     full_matrices: bool = False,
+    transform: LogitTransform | None = None,
 ) -> OutputLayerTokenStats:
     """The output-layer token statistics without training: the fused forward and one statistics-only backward.
 
     For profiling and checkpoints where no backward runs. ``hidden [R, T, d]``, ``labels [R, T]``; other arguments as
-    in :func:`linear_logprobs`. ``a_w``/``a_l`` are None (no loss, no upstream gradient).
+    in :func:`linear_logprobs` (``transform``: the gradients are those of log_softmax(f(l))). ``a_w``/``a_l`` are None
+    (no loss, no upstream gradient).
     """
-    _validate(hidden, weight, labels, bias, ignore_index)
+    _validate(hidden, weight, labels, bias, ignore_index, transform)
     if hidden.ndim != 3:
         raise ValueError(f"hidden must have shape [R, T, d]; got {tuple(hidden.shape)}")
-    backend = resolve_impl(impl, hidden.device, hidden.dtype)
+    backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, False)
+    transform = transform if transform is not None and not transform.identity else IDENTITY
     fwd, _ = _backend_fns(backend)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     lab = labels.reshape(-1).to(torch.int64).contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    _, lse = fwd(h2, weight, lab, bias, ignore_index)
+    scale, softcap = transform_args(transform)
+    _, lse = fwd(h2, weight, lab, bias, ignore_index, scale=scale, softcap=softcap)
     cdt = _compute_dtype(hidden.dtype)
-    layout = PairLayout(labels, resolve_pairs(pairs, hidden.shape[0], hidden.device), ignore_index, cdt)
+    layout = PairLayout(labels, resolve_pairs(pairs, hidden.shape[0], hidden.device), ignore_index, cdt, transform)
     zeros = torch.zeros(h2.shape[0], dtype=cdt, device=hidden.device)
     r, _, _ = fused_backward(backend, h2, weight, lab, bias, lse, zeros, ignore_index,
-                             need_weight_grad=False, need_bias_grad=False, layout=layout)
+                             need_weight_grad=False, need_bias_grad=False, layout=layout, transform=transform)
     return finalize_token_stats(layout, h2, weight, bias, lab, lse, r, None, full_matrices)

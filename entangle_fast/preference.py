@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from entangle_fast.logprobs import linear_logprobs
+from entangle_fast.ches import ches_scores
+from entangle_fast.logprobs import TokenMetrics, linear_logprobs
 from entangle_fast.token_stats import TokenStatsHandle
 
 IGNORE_INDEX = -100
@@ -43,6 +44,8 @@ class PreferenceLogprobs:
         chosen_lengths / rejected_lengths: ``[B]`` int64 response-token counts.
         token_mask: ``[2B, T-1]`` bool, the response tokens (rows in TRL's concatenated order).
         token_stats: with ``token_stats=True``, the handle filled by the backward.
+        ches / ches_norm: with ``ches=True``, ``[B]`` detached CHES scores of each pair (:mod:`entangle_fast.ches`).
+        token_metrics: with ``token_metrics=True``, the ``[2B, T-1]`` per-token metrics of the fused op.
     """
 
     chosen_token_logps: Tensor
@@ -55,6 +58,9 @@ class PreferenceLogprobs:
     rejected_lengths: Tensor
     token_mask: Tensor
     token_stats: TokenStatsHandle | None = None
+    ches: Tensor | None = None
+    ches_norm: Tensor | None = None
+    token_metrics: TokenMetrics | None = None
 
 
 def collate_rows(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
@@ -159,6 +165,8 @@ def preference_logprobs(
     impl: str = "auto",
     token_stats: bool = False,
     full_matrices: bool = False,
+    ches: bool = False,
+    token_metrics: bool = False,
 ) -> PreferenceLogprobs:
     """Chosen and rejected log-probs of a Hugging Face causal LM: one backbone forward, no logits.
 
@@ -168,6 +176,8 @@ def preference_logprobs(
         impl: backend of the fused op (see :func:`~entangle_fast.linear_logprobs`).
         token_stats: compute the output-layer token statistics of each pair (row i with row B + i) in the backward.
         full_matrices: with ``token_stats``, keep the within-response matrices too.
+        ches: also return the pairs' CHES scores from the same hidden states (no gradient).
+        token_metrics: also return the fused op's per-token entropy, logit sum and argmax (same pass).
 
     Returns:
         :class:`PreferenceLogprobs`.
@@ -178,13 +188,17 @@ def preference_logprobs(
     shifted = labels[:, 1:].contiguous()
     hidden = hidden[:, :-1].to(weight.dtype)
     result = linear_logprobs(hidden, weight, shifted, bias=bias, impl=impl, token_stats=token_stats,
-                             full_matrices=full_matrices)
+                             full_matrices=full_matrices, token_metrics=token_metrics)
+    metrics = result[-1] if token_metrics else None
+    if token_metrics:
+        result = result[:-1] if token_stats else result[0]
     token_logps, handle = result if token_stats else (result, None)
     mask = shifted != IGNORE_INDEX
     sums = token_logps.sum(-1)
     lengths = mask.sum(-1)
     means = sums / lengths.to(sums.dtype)
     b = input_ids.shape[0] // 2
+    ches_pair = ches_scores(hidden, mask) if ches else (None, None)
     return PreferenceLogprobs(
         chosen_token_logps=token_logps[:b],
         rejected_token_logps=token_logps[b:],
@@ -196,4 +210,7 @@ def preference_logprobs(
         rejected_lengths=lengths[b:],
         token_mask=mask,
         token_stats=handle,
+        ches=ches_pair[0],
+        ches_norm=ches_pair[1],
+        token_metrics=metrics,
     )

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from entangle_fast.logit_transform import LogitTransform
+
 
 def linear_logprobs_reference(
     hidden: Tensor,
@@ -22,8 +24,9 @@ def linear_logprobs_reference(
     ignore_index: int = -100,
     *,
     upcast: bool = True,
+    transform: LogitTransform | None = None,
 ) -> Tensor:
-    """Per-token ``log_softmax(hidden @ weight.T + bias)[label]`` with materialised logits.
+    """Per-token ``log_softmax(f(hidden @ weight.T + bias))[label]`` with materialised logits.
 
     Same semantics as TRL's ``selective_log_softmax`` on masked labels: 0 where ``label == ignore_index``.
 
@@ -31,20 +34,38 @@ def linear_logprobs_reference(
         hidden: ``[..., d]``. weight: ``[V, d]``. labels: ``[...]`` int64. bias: ``[V]`` or None.
         upcast: compute the log-softmax in at least float32 (the logits are produced by one matmul in the input dtype,
             which is what plain PyTorch does in low precision). float64 inputs stay float64.
+        transform: ``f`` (scale, soft-cap), applied to the (upcast) logits by autograd; None is the identity.
 
     Returns:
         ``[...]`` log-probs, float64 for float64 inputs, else float32.
     """
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
+    logits = transformed_logits_reference(hidden, weight, bias, upcast=upcast, transform=transform)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if upcast:
-        logits = logits.to(out_dtype)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp)).to(out_dtype)
+
+
+def transformed_logits_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, upcast: bool = True,
+                                 transform: LogitTransform | None = None) -> Tensor:
+    """The materialised ``[..., V]`` logits z = f(hidden @ weight.T + bias): one matmul in the input dtype, upcast to
+    at least float32 when ``upcast``, then the transform."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    if upcast:
+        logits = logits.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    return transform(logits) if transform is not None else logits
+
+
+def token_metrics_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, upcast: bool = True,
+                            transform: LogitTransform | None = None) -> dict[str, Tensor]:
+    """Per-token ``entropy`` (-sum p log p of softmax(z)), ``logit_sum`` (sum_v z_v) and ``argmax`` (first index of
+    the maximum, int64) from the materialised z of :func:`transformed_logits_reference`; each ``[...]``."""
+    z = transformed_logits_reference(hidden, weight, bias, upcast=upcast, transform=transform)
+    logp = torch.log_softmax(z, dim=-1)
+    return {"entropy": -(logp.exp() * logp).sum(-1), "logit_sum": z.sum(-1), "argmax": torch.argmax(z, dim=-1)}
 
 
 def sequence_logprobs_reference(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -67,6 +88,7 @@ def per_token_gradients_reference(
     labels: Tensor,
     bias: Tensor | None = None,
     ignore_index: int = -100,
+    transform: LogitTransform | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Explicit per-token gradients of each row's response-token log-probs, one autograd backward per token.
 
@@ -82,7 +104,8 @@ def per_token_gradients_reference(
     hidden = hidden.detach().requires_grad_(True)
     weight = weight.detach().requires_grad_(True)
     params = [weight] + ([bias.detach().requires_grad_(True)] if bias is not None else [])
-    logp = linear_logprobs_reference(hidden, params[0], labels, params[1] if bias is not None else None, ignore_index)
+    logp = linear_logprobs_reference(hidden, params[0], labels, params[1] if bias is not None else None, ignore_index,
+                                     transform=transform)
     param_grads, hidden_grads = [], []
     for r in range(hidden.shape[0]):
         rows_p, rows_h = [], []
@@ -104,6 +127,7 @@ def output_layer_token_stats_reference(
     pairs: Sequence[tuple[int, int]],
     bias: Tensor | None = None,
     ignore_index: int = -100,
+    transform: LogitTransform | None = None,
 ) -> list[dict[str, Tensor]]:
     """Output-layer token matrices from explicit per-token gradients (the slow, obviously-right way).
 
@@ -114,7 +138,7 @@ def output_layer_token_stats_reference(
     - ``inner = sum K_wl``, ``chosen_sq_norm = sum K_ww``, ``rejected_sq_norm = sum K_ll``, ``cosine``,
     - ``hidden_gram = R_w R_l^T`` ``[T_w, T_l]``.
     """
-    param_grads, hidden_grads = per_token_gradients_reference(hidden, weight, labels, bias, ignore_index)
+    param_grads, hidden_grads = per_token_gradients_reference(hidden, weight, labels, bias, ignore_index, transform)
     out = []
     for w, l in pairs:
         gw, gl = param_grads[w], param_grads[l]

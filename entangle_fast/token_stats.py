@@ -9,6 +9,12 @@ delta_t = e_{y_t} - p_t, the per-token gradients are grad_W l_t = delta_t h_t^T 
 Only ``P_w P_l^T`` needs the vocabulary; it is accumulated chunk by chunk from the probability tiles the fused backward
 recomputes anyway (:class:`PairLayout`). The rest are ``[T_w, T_l]`` products over d. The hidden-state token Gram
 uses r_t = d l_t / d h_t = W^T delta_t, which the backward produces unscaled for every row.
+
+Under a logit transform z = f(l) (:class:`~entangle_fast.logit_transform.LogitTransform`), p_t = softmax(z_t) and the
+head gradient carries delta_t = f'(l_t) * (e_{y_t} - p_t). A pure scale makes f' the constant ``scale``: the closed form
+above, with p from z, times scale^2. A soft-cap makes f' vary over the vocabulary, which breaks the closed form; the
+backward then hands :class:`PairLayout` the delta chunks themselves and accumulates ``D_w D_l^T`` (and ``D_w D_w^T``,
+``D_l D_l^T``) over vocabulary chunks, never holding more than one chunk.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from entangle_fast.logit_transform import IDENTITY, LogitTransform
 
 
 @dataclass
@@ -100,17 +108,23 @@ def resolve_pairs(pairs: Tensor | list | None, num_rows: int, device: torch.devi
 
 class PairLayout:
     """Where each pair's response tokens sit in the flattened ``[R * T]`` token axis, and the accumulated
-    vocabulary products ``P_w P_l^T``, ``P_w P_w^T``, ``P_l P_l^T`` of every pair.
+    vocabulary products ``P_w P_l^T``, ``P_w P_w^T``, ``P_l P_l^T`` of every pair (of the deltas ``D`` instead when
+    :attr:`accumulates_deltas`).
 
     Args:
         labels: ``[R, T]`` aligned labels (the op's own labels, already shifted).
         pairs: ``[P, 2]`` rows.
         compute_dtype: dtype of the accumulators (float32, or float64 for float64 inputs).
+        transform: the op's logit transform; with a soft-cap the chunks handed to :meth:`accumulate` are the deltas
+            f'(l) (e_y - p), not the probabilities.
     """
 
-    def __init__(self, labels: Tensor, pairs: Tensor, ignore_index: int, compute_dtype: torch.dtype):
+    def __init__(self, labels: Tensor, pairs: Tensor, ignore_index: int, compute_dtype: torch.dtype,
+                 transform: LogitTransform | None = None):
         self.num_rows, self.seq_len = labels.shape
         self.pairs = pairs
+        self.transform = transform if transform is not None else IDENTITY
+        self.accumulates_deltas = self.transform.softcap is not None
         valid = labels != ignore_index
         self.row_positions = [torch.nonzero(valid[r]).flatten() for r in range(self.num_rows)]
         self.row_tokens = [r * self.seq_len + pos for r, pos in enumerate(self.row_positions)]
@@ -121,7 +135,8 @@ class PairLayout:
             self.products.append({"wl": z(tw, tl), "ww": z(tw, tw), "ll": z(tl, tl)})
 
     def accumulate(self, probs: Tensor) -> None:
-        """Add one vocabulary chunk's products. probs: ``[R * T, V_chunk]`` probabilities of every token."""
+        """Add one vocabulary chunk's products. probs: ``[R * T, V_chunk]`` probabilities of every token (the deltas
+        when :attr:`accumulates_deltas`)."""
         for (w, l), acc in zip(self.pairs.tolist(), self.products):
             pw = probs[self.row_tokens[w]].to(acc["wl"].dtype)
             pl = probs[self.row_tokens[l]].to(acc["wl"].dtype)
@@ -130,16 +145,22 @@ class PairLayout:
             acc["ll"].addmm_(pl, pl.T)
 
 
-def _delta_products(hx, hy, yx, yy, lse_x, lse_y, weight, bias, pp):
-    """(delta_x . delta_y) for every token pair: [y_t == y'_s] - p_t[y'_s] - p'_s[y_t] + p_t . p'_s."""
-    def gathered(h, lse, ids):  # p_t[ids_s] = exp(h_t . W[ids_s] + b[ids_s] - lse_t): a [T, T'] product over d
+def _delta_products(hx, hy, yx, yy, lse_x, lse_y, weight, bias, pp, transform: LogitTransform):
+    """(delta_x . delta_y) for every token pair: [y_t == y'_s] - p_t[y'_s] - p'_s[y_t] + p_t . p'_s, times scale^2
+    under a pure-scale transform (f' = scale). ``pp`` is the accumulated P_x P_y^T; under a soft-cap it is already
+    D_x D_y^T, the answer."""
+    if transform.softcap is not None:
+        return pp
+
+    def gathered(h, lse, ids):  # p_t[ids_s] = exp(f(h_t . W[ids_s] + b[ids_s]) - lse_t): a [T, T'] product over d
         logits = h @ weight[ids].to(h.dtype).T
         if bias is not None:
             logits = logits + bias[ids].to(h.dtype)
-        return torch.exp(logits - lse[:, None])
+        return torch.exp(transform(logits) - lse[:, None])
 
     eq = (yx[:, None] == yy[None, :]).to(hx.dtype)
-    return eq - gathered(hx, lse_x, yy) - gathered(hy, lse_y, yx).T + pp
+    closed = eq - gathered(hx, lse_x, yy) - gathered(hy, lse_y, yx).T + pp
+    return closed if transform.scale == 1.0 else closed * transform.scale**2
 
 
 def finalize_token_stats(
@@ -186,7 +207,7 @@ def finalize_token_stats(
         args_w, args_l = (hw, yw, lse[tok_w].to(cdt)), (hl, yl, lse[tok_l].to(cdt))
 
         def k(x, y, prod):
-            d = _delta_products(x[0], y[0], x[1], y[1], x[2], y[2], weight, bias, prod)
+            d = _delta_products(x[0], y[0], x[1], y[1], x[2], y[2], weight, bias, prod, layout.transform)
             return d * (x[0] @ y[0].T + bias_term)
 
         token_matrix[i, :tw, :tl] = k(args_w, args_l, pp["wl"])
@@ -230,7 +251,9 @@ class BackwardRecord:
     """What one fused log-prob backward saw, handed to stats listeners (the monitor) after the backward.
 
     Shapes over the flattened token axis N = R * T: hidden ``[N, d]``, labels ``[N]``, lse ``[N]``,
-    grad_logprobs ``[N]`` (upstream gradient of each token log-prob); ``rows_shape`` is ``(R, T)``.
+    grad_logprobs ``[N]`` (upstream gradient of each token log-prob); ``rows_shape`` is ``(R, T)``. ``lse`` is that of
+    the transformed logits z = transform(h W^T + b): a consumer that recomputes probabilities or head gradients from
+    the record applies ``transform`` (and its derivative) to the logits first.
     """
 
     hidden: Tensor
@@ -242,6 +265,7 @@ class BackwardRecord:
     ignore_index: int
     rows_shape: tuple[int, int]
     stats: OutputLayerTokenStats
+    transform: LogitTransform = IDENTITY
 
 
 class TokenStatsHandle:

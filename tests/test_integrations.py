@@ -78,18 +78,27 @@ def entangle_logs(history: list[dict]) -> list[dict]:
 
 
 def dpo_trainer(cls, *, loss_type="sigmoid", dtype=torch.float32, steps=1, lr=1e-2, ref_seed=1, model=None,
-                peft_config=None, callbacks=None, **kwargs):
+                peft_config=None, callbacks=None, warn=False, config=None, **kwargs):
+    """A DPO trainer of class ``cls`` on the built-in pairs; ``loss_type`` a name or a list; ``config``: more DPOConfig
+    fields (``loss_weights``, ``label_smoothing``, ...); DPOConfig fields among ``kwargs`` (``ld_alpha``) go there too."""
+    import dataclasses
+
     from datasets import Dataset
     from trl import DPOConfig
 
+    config = dict(config or {})
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    config.update({k: kwargs.pop(k) for k in list(kwargs) if k in fields})
     args = DPOConfig(output_dir=OUTDIR[0], max_steps=steps, per_device_train_batch_size=3,
                      learning_rate=lr, lr_scheduler_type="constant", logging_steps=1, report_to="none",
-                     save_strategy="no", loss_type=[loss_type], beta=0.1, use_cpu=True, bf16=False,
-                     disable_tqdm=True, seed=0, dataloader_num_workers=0, gradient_checkpointing=False)
+                     save_strategy="no", loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type),
+                     beta=0.1, use_cpu=True, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                     gradient_checkpointing=False, **config)
     model = model if model is not None else tiny_model("llama", dtype=dtype)
     ref = None if peft_config is not None else tiny_model("llama", dtype=dtype, seed=ref_seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        if not warn:
+            warnings.simplefilter("ignore")
         return cls(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(RECORDS),
                    processing_class=build_tokenizer(), peft_config=peft_config, callbacks=callbacks, **kwargs)
 
@@ -258,16 +267,10 @@ def test_trl_unsupported_configuration_falls_back_to_stock():
 
     from entangle_fast.integrations.trl import EntangledDPOTrainer
 
-    with pytest.warns(RuntimeWarning, match="loss_type"):
-        from datasets import Dataset
-        from trl import DPOConfig
-
-        args = DPOConfig(output_dir=OUTDIR[0], max_steps=1, per_device_train_batch_size=3,
-                         report_to="none", loss_type=["sppo_hard"], use_cpu=True, bf16=False, disable_tqdm=True)
-        ours = EntangledDPOTrainer(model=tiny_model("llama"), ref_model=tiny_model("llama", seed=1), args=args,
-                                   train_dataset=Dataset.from_list(RECORDS), processing_class=build_tokenizer())
+    with pytest.warns(RuntimeWarning, match="ld_alpha"):
+        ours = dpo_trainer(EntangledDPOTrainer, loss_type="sigmoid", warn=True, ld_alpha=0.5)
     assert ours.entangle_fallback
-    stock = dpo_trainer(DPOTrainer, loss_type="sppo_hard")
+    stock = dpo_trainer(DPOTrainer, loss_type="sigmoid", ld_alpha=0.5)
     _, loss_ours, _, _ = one_step(ours)
     _, loss_stock, _, _ = one_step(stock)
     assert torch.equal(loss_ours, loss_stock)

@@ -12,8 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import entangle_fast.losses as losses_module
 from entangle_fast.losses import (
     LOSSES,
+    TRL_LOSS_TYPES,
     PreferenceLossOutput,
     cpo_loss,
     dpo_loss,
@@ -77,7 +79,9 @@ def ref_ipo(x, beta=0.1):
     pw, pl = x["chosen_logps"] / tw, x["rejected_logps"] / tl
     qw, ql = x["ref_chosen_logps"] / tw, x["ref_rejected_logps"] / tl
     h = (pw - pl) - (qw - ql)
-    return (h - 1 / (2 * beta)) ** 2, beta * (pw - qw), beta * (pl - ql)
+    # Rewards: TRL 1.16 logs beta * (s - r) on the summed log-probs for every loss type, IPO included.
+    rw = beta * (x["chosen_logps"] - x["ref_chosen_logps"])
+    return (h - 1 / (2 * beta)) ** 2, rw, beta * (x["rejected_logps"] - x["ref_rejected_logps"])
 
 
 def ref_hinge(x, beta=0.1):
@@ -156,9 +160,101 @@ def ref_kto_pair(x, beta=0.1):
     return (both[:b] + both[b:]) / 2, beta * cw, beta * cl
 
 
+# TRL 1.16 DPOTrainer's other loss types, transcribed from their papers' formulas as TRL states them (reverse KL).
+
+
+def logratios(x):
+    return x["chosen_logps"] - x["ref_chosen_logps"], x["rejected_logps"] - x["ref_rejected_logps"]
+
+
+def trl_rewards(x, beta):
+    c, d = logratios(x)
+    return beta * c, beta * d
+
+
+def ref_exo_pair(x, beta=0.1, label_smoothing=1e-3):
+    # Ji et al. 2024 eq. 16: KL between softmax over {w, l} of beta * log-ratios and the smoothed target (1 - e, e).
+    c, d = logratios(x)
+    e = label_smoothing
+    q = torch.softmax(torch.stack([beta * c, beta * d]), dim=0)
+    loss = q[0] * torch.log(q[0] / (1 - e)) + q[1] * torch.log(q[1] / e)
+    return (loss, *trl_rewards(x, beta))
+
+
+def ref_nca_pair(x, beta=0.1):
+    rw, rl = trl_rewards(x, beta)
+    return -logsig(rw) - 0.5 * logsig(-rw) - 0.5 * logsig(-rl), rw, rl
+
+
+def ref_robust(x, beta=0.1, label_smoothing=0.0):
+    rw, rl = trl_rewards(x, beta)
+    h, e = rw - rl, label_smoothing
+    return (-(1 - e) * logsig(h) + e * logsig(-h)) / (1 - 2 * e), rw, rl
+
+
+def ref_bco_pair(x, beta=0.1):
+    rw, rl = trl_rewards(x, beta)
+    return -logsig(rw) - logsig(-rl), rw, rl
+
+
+def ref_sppo_hard(x, beta=0.1):
+    c, d = logratios(x)
+    return (c - 1 / (2 * beta)) ** 2 + (d + 1 / (2 * beta)) ** 2, beta * c, beta * d
+
+
+def smoothed(h, e):
+    return -(1 - e) * logsig(h) - e * logsig(-h)
+
+
+def ref_aot(x, beta=0.1, label_smoothing=0.0):
+    pi = sorted((x["chosen_logps"] - x["rejected_logps"]).tolist())
+    ref = sorted((x["ref_chosen_logps"] - x["ref_rejected_logps"]).tolist())
+    h = beta * torch.tensor([p - r for p, r in zip(pi, ref)], dtype=F64)
+    return (smoothed(h, label_smoothing), *trl_rewards(x, beta))
+
+
+def ref_aot_unpaired(x, beta=0.1, label_smoothing=0.0):
+    c, d = logratios(x)
+    h = beta * torch.tensor([p - r for p, r in zip(sorted(c.tolist()), sorted(d.tolist()))], dtype=F64)
+    return (smoothed(h, label_smoothing), *trl_rewards(x, beta))
+
+
+def ref_apo_zero(x, beta=0.1):
+    rw, rl = trl_rewards(x, beta)
+    return (1 - torch.sigmoid(rw)) + torch.sigmoid(rl), rw, rl
+
+
+def ref_apo_down(x, beta=0.1):
+    rw, rl = trl_rewards(x, beta)
+    return torch.sigmoid(rw) + (1 - torch.sigmoid(rw - rl)), rw, rl
+
+
+def ref_discopop(x, beta=0.1, discopop_tau=0.05):
+    rw, rl = trl_rewards(x, beta)
+    h = rw - rl
+    m = torch.sigmoid(h / discopop_tau)
+    return -logsig(h) * (1 - m) + torch.exp(-h) * m, rw, rl
+
+
+def ref_sft(x, beta=0.1):
+    # Token-weighted NLL of all chosen tokens, expanded to [B]; the references enter the rewards only.
+    s_w, t_w = x["chosen_logps"], x["chosen_lengths"].double()
+    loss = -(s_w.sum() / t_w.sum()) * torch.ones_like(s_w)
+    return (loss, *trl_rewards(x, beta))
+
+
+def ref_sigmoid_norm(x, beta=0.1):
+    c, d = logratios(x)
+    h = beta * (c / x["chosen_lengths"].double() - d / x["rejected_lengths"].double())
+    return (-logsig(h), beta * c, beta * d)
+
+
 REFERENCES = {
     "dpo": ref_dpo, "ipo": ref_ipo, "hinge": ref_hinge, "rdpo": ref_rdpo, "simpo": ref_simpo, "cpo": ref_cpo,
     "orpo": ref_orpo, "dpop": ref_dpop, "rrhf": ref_rrhf, "kto_pair": ref_kto_pair,
+    "exo_pair": ref_exo_pair, "nca_pair": ref_nca_pair, "robust": ref_robust, "bco_pair": ref_bco_pair,
+    "sppo_hard": ref_sppo_hard, "aot": ref_aot, "aot_unpaired": ref_aot_unpaired, "apo_zero": ref_apo_zero,
+    "apo_down": ref_apo_down, "discopop": ref_discopop, "sft": ref_sft, "sigmoid_norm": ref_sigmoid_norm,
 }
 
 # (name, hyperparameters): defaults first, then non-default settings that switch on every optional term.
@@ -184,13 +280,39 @@ CASES = [
     ("rrhf", {"rrhf_weight": 1.0, "length_penalty": 0.7}),
     ("kto_pair", {}),
     ("kto_pair", {"beta": 0.4}),
+    ("exo_pair", {}),
+    ("exo_pair", {"beta": 0.3, "label_smoothing": 0.2}),
+    ("nca_pair", {}),
+    ("nca_pair", {"beta": 0.5}),
+    ("robust", {}),
+    ("robust", {"beta": 0.2, "label_smoothing": 0.3}),
+    ("bco_pair", {}),
+    ("bco_pair", {"beta": 0.05}),
+    ("sppo_hard", {}),
+    ("sppo_hard", {"beta": 0.7}),
+    ("aot", {}),
+    ("aot", {"beta": 0.3, "label_smoothing": 0.1}),
+    ("aot_unpaired", {}),
+    ("aot_unpaired", {"beta": 0.3, "label_smoothing": 0.1}),
+    ("apo_zero", {}),
+    ("apo_zero", {"beta": 0.4}),
+    ("apo_down", {}),
+    ("apo_down", {"beta": 0.4}),
+    ("discopop", {}),
+    ("discopop", {"beta": 0.2, "discopop_tau": 0.5}),
+    ("sft", {}),
+    ("sft", {"beta": 0.3}),
+    ("sigmoid_norm", {}),
+    ("sigmoid_norm", {"beta": 2.0}),
 ]
 CASE_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in h.items()) or 'defaults'}" for n, h in CASES]
 FUNCTIONS = {
     "dpo": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "rdpo": rdpo_loss, "simpo": simpo_loss, "cpo": cpo_loss,
     "orpo": orpo_loss, "dpop": dpop_loss, "rrhf": rrhf_loss, "kto_pair": kto_pair_loss,
+    **{n: getattr(losses_module, f"{n}_loss") for n in TRL_LOSS_TYPES.values()},
 }
-SIGMOID_TYPE = ["dpo", "rdpo", "simpo", "cpo", "orpo", "dpop", "kto_pair", "ipo"]
+SIGMOID_TYPE = ["dpo", "rdpo", "simpo", "cpo", "orpo", "dpop", "kto_pair", "ipo", "robust", "bco_pair", "apo_zero",
+                "sigmoid_norm"]
 
 
 def used_inputs(name: str, x: dict, hyper: dict) -> dict:
@@ -294,14 +416,15 @@ def test_coefficients_match_autograd(name, hyper, batch):
     s_l = x["rejected_logps"].clone().requires_grad_(True)
     extra = used_inputs(name, x, hyper)
     out = preference_loss(name, s_w, s_l, **extra, **hyper)
-    g_w, g_l = torch.autograd.grad(out.losses.sum(), (s_w, s_l))
+    g_w, g_l = torch.autograd.grad(out.losses.sum(), (s_w, s_l), allow_unused=True)
+    g_l = torch.zeros_like(s_l) if g_l is None else g_l  # sft: the rejected response does not enter
     a_w, a_l = loss_coefficients(name, x["chosen_logps"], x["rejected_logps"], **extra, **hyper)
     assert a_w.shape == (batch,) and a_l.shape == (batch,) and not a_w.requires_grad
     assert_close(a_w, g_w, rtol=1e-12, atol=1e-15, what=f"{name} a_w")
     assert_close(a_l, g_l, rtol=1e-12, atol=1e-15, what=f"{name} a_l")
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.per_pair])
 def test_each_pair_loss_depends_only_on_its_own_pair(name):
     """d losses[i] / d s[j] = 0 for i != j, so the per-pair a_w, a_l are the whole story (kto_pair: KL detached)."""
     x = make_inputs(7, seed=2)
@@ -422,8 +545,12 @@ def test_missing_needed_input_is_named(name):
 
 
 def test_records_describe_inputs():
-    assert {n for n, s in LOSSES.items() if s.needs_reference} == {"dpo", "ipo", "hinge", "rdpo", "dpop", "kto_pair"}
-    assert {n for n, s in LOSSES.items() if s.needs_lengths} == {"ipo", "rdpo", "simpo", "cpo", "orpo", "rrhf"}
+    trl_pairwise = {"exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                    "apo_down", "discopop", "sigmoid_norm", "sft"}
+    assert {n for n, s in LOSSES.items() if s.needs_reference} == {"dpo", "ipo", "hinge", "rdpo", "dpop",
+                                                                   "kto_pair"} | trl_pairwise
+    assert {n for n, s in LOSSES.items() if s.needs_lengths} == {"ipo", "rdpo", "simpo", "cpo", "orpo", "rrhf",
+                                                                 "sft", "sigmoid_norm"}
     assert LOSSES["cpo"].inputs == ("chosen_lengths",)
     assert LOSSES["dpo"].optional_inputs == ("chosen_lengths",)
     assert LOSSES["simpo"].hyper["simpo_gamma"] == 0.5 and LOSSES["cpo"].hyper["cpo_alpha"] == 1.0

@@ -198,7 +198,7 @@ def _pack(out: PreferenceLogprobs) -> dict:
 
 
 def wrapped_preference_logprobs(model: nn.Module, batch: dict, *, impl: str = "auto", token_stats: bool = False,
-                                full_matrices: bool = False) -> PreferenceLogprobs:
+                                full_matrices: bool = False, **options) -> PreferenceLogprobs:
     """:func:`~entangle_fast.preference_logprobs` called *through* whatever wraps the model.
 
     DDP prepares its gradient reduction in its own ``forward``; FSDP2 gathers the root module's parameters in the root's
@@ -214,7 +214,7 @@ def wrapped_preference_logprobs(model: nn.Module, batch: dict, *, impl: str = "a
     Args:
         model: the model as the training loop holds it (wrapped or not).
         batch: ``[2B, T]`` tensors in a layout :func:`~entangle_fast.preference_logprobs` accepts.
-        impl, token_stats, full_matrices: as for :func:`~entangle_fast.preference_logprobs`.
+        impl, token_stats, full_matrices, options: as for :func:`~entangle_fast.preference_logprobs` (``ches=True``).
     """
     inner = unwrap_model(model)
     input_ids = normalize_batch(batch)[0]
@@ -223,7 +223,7 @@ def wrapped_preference_logprobs(model: nn.Module, batch: dict, *, impl: str = "a
 
     def forward(*args, **kwargs):
         return _pack(preference_logprobs(inner, batch, impl=impl, token_stats=token_stats,
-                                         full_matrices=full_matrices))
+                                         full_matrices=full_matrices, **options))
 
     inner.forward = forward
     try:

@@ -6,23 +6,30 @@ collator emits ``input_ids``/``attention_mask``/``completion_mask`` rows (chosen
 loss in ``_compute_loss(model, inputs, return_outputs)``, the one method overridden here; tested on TRL 1.16.0.
 ``ENTANGLE_FAST_SKIP_TRL_VERSION_CHECK=1`` skips the check (at your own risk).
 
-What changes against stock TRL, on the configurations this class computes itself (loss types ``sigmoid``, ``hinge``,
-``ipo``, alone or weighted together; reverse-KL scores; no ``ld_alpha``, WPO weighting, MoE auxiliary loss, vision
-inputs, prompt-learning PEFT, Liger loss):
+What changes against stock TRL, on the configurations this class computes itself (every ``loss_type`` of TRL's
+DPOTrainer, :data:`SUPPORTED_LOSS_TYPES`, alone or weighted together with ``loss_weights``; reverse-KL scores; no
+``ld_alpha``, WPO weighting, MoE auxiliary loss, vision inputs, prompt-learning PEFT, Liger loss):
 
 - policy and reference log-probs come from :func:`entangle_fast.preference_logprobs` (one backbone forward, the fused
-  log-prob op; no ``[2B, T, V]`` tensor), the loss from :func:`entangle_fast.losses.preference_loss`;
-- the loss, its gradients and TRL's ``rewards/*``, ``logps/*`` and ``num_tokens`` logs are TRL's; TRL's ``entropy``,
-  ``logits/*`` and ``mean_token_accuracy`` are not logged (they need vocabulary-wide reductions the fused op does not
-  make);
+  log-prob op; no ``[2B, T, V]`` tensor), each loss from its registration in :mod:`entangle_fast.losses` with the
+  DPOConfig fields TRL reads for it (batch losses ``aot``, ``aot_unpaired`` and ``sft`` as TRL forms them);
+- the loss, its gradients and TRL's ``rewards/*``, ``logps/*`` and ``num_tokens`` logs are TRL's; ``entropy``,
+  ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy`` are TRL's reductions of per-token metrics the fused
+  op streams (:func:`token_metric_means`), logged where the installed fused op offers ``token_metrics``;
 - every ``entangle_every``-th optimizer step runs under :class:`~entangle_fast.monitor.EntanglementMonitor`; its
-  ``entangle/`` means go through TRL's own metric path (console, TensorBoard, W&B, ``state.log_history``).
+  ``entangle/`` means, with ``entangle/ches`` and ``entangle/ches_norm`` (:mod:`entangle_fast.ches`), go through TRL's
+  own metric path (console, TensorBoard, W&B, ``state.log_history``).
 
 Any other configuration falls back to TRL's own ``_compute_loss``, with a warning, and no monitoring.
+
+:func:`patch_trl` also routes TRL's own fused LM head (``add_fused_lm_head``, the chunked log-prob function TRL uses
+for DPO/KTO/GRPO/RLOO/SFT since 1.14) through :func:`entangle_fast.linear_logprobs` where the installed TRL has it.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import os
 import warnings
 
@@ -39,10 +46,14 @@ from packaging.version import Version
 
 from entangle_fast.integrations.distributed import unwrap_model, wrapped_preference_logprobs
 from entangle_fast.integrations.hf import StepMonitor
-from entangle_fast.losses import preference_loss
-from entangle_fast.preference import output_head
+from entangle_fast.logprobs import linear_logprobs
+from entangle_fast.losses import LOSSES, TRL_LOSS_TYPES, preference_loss
+from entangle_fast.preference import output_head, preference_logprobs
 
-__all__ = ["EntangledDPOTrainer", "patch_trl", "unpatch_trl", "SUPPORTED_LOSS_TYPES", "TRL_MIN", "TRL_MAX"]
+__all__ = ["EntangledDPOTrainer", "patch_trl", "unpatch_trl", "token_metric_means", "SUPPORTED_LOSS_TYPES",
+           "TRL_MIN", "TRL_MAX"]
+
+logger = logging.getLogger(__name__)
 
 TRL_MIN, TRL_MAX = "0.29.0", "2.0.0"
 
@@ -61,8 +72,39 @@ def _check_trl_version(version: str) -> None:
 
 _check_trl_version(trl.__version__)
 
-# TRL loss_type -> entangle_fast.losses name; the three have TRL's exact form (docs/integrations.md).
-SUPPORTED_LOSS_TYPES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo"}
+# TRL loss_type -> entangle_fast.losses name: every loss type of TRL 1.16's DPOTrainer, in TRL's exact form.
+SUPPORTED_LOSS_TYPES = dict(TRL_LOSS_TYPES)
+
+# Whether the installed fused op streams the per-token metrics behind TRL's entropy, logits/* and mean_token_accuracy.
+HAS_TOKEN_METRICS = "token_metrics" in inspect.signature(linear_logprobs).parameters and (
+    "token_metrics" in inspect.signature(preference_logprobs).parameters)
+
+
+def token_metric_means(metrics, labels, vocab_size: int) -> dict:
+    """This rank's sums behind TRL's ``entropy``, ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``.
+
+    Args:
+        metrics: per-token ``entropy``, ``logit_sum`` (sum of the logits over the vocabulary) and ``argmax``, each
+            ``[2B, T]`` like ``labels`` (:class:`entangle_fast.logprobs.TokenMetrics`).
+        labels: ``[2B, T]`` shifted labels, -100 off the response tokens; rows chosen first, then rejected.
+        vocab_size: V (mean logit = logit_sum / V).
+
+    Returns:
+        ``{name: (sum, count)}`` 0-d tensors, to be summed across ranks and divided as TRL does (0 when count is 0):
+        entropy over every response token; mean logits over the chosen / rejected response tokens; accuracy (the
+        label is the first argmax) over the chosen response tokens.
+    """
+    mask = labels != -100
+    b = labels.shape[0] // 2
+    mask_w, mask_l = mask[:b], mask[b:]
+    mean_logits = metrics.logit_sum.float() / vocab_size
+    top1 = (metrics.argmax == labels)[:b] & mask_w
+    return {
+        "entropy": ((metrics.entropy.float() * mask).sum(), mask.sum()),
+        "logits/chosen": (mean_logits[:b][mask_w].sum(), mask_w.sum()),
+        "logits/rejected": (mean_logits[b:][mask_l].sum(), mask_l.sum()),
+        "mean_token_accuracy": (top1.sum(), mask_w.sum()),
+    }
 
 
 def _value(x):
@@ -100,6 +142,7 @@ class EntangledDPOTrainer(_StockDPOTrainer):
                                     monitor_kwargs=options["entangle_monitor_kwargs"],
                                     images_every=options["entangle_images_every"])
         self.entangle_impl = options["entangle_impl"]
+        self._entangle_due = False  # whether the step in progress is monitored (CHES is logged with it)
         self.entangle_fallback = self._unsupported()
         if self.entangle_fallback:
             warnings.warn(f"EntangledDPOTrainer: {self.entangle_fallback}; using TRL's own loss computation, without "
@@ -139,7 +182,11 @@ class EntangledDPOTrainer(_StockDPOTrainer):
         if self.entangle_fallback:
             return super().training_step(model, *args, **kwargs)
         stock_step = super().training_step
-        return self.entangle.run(self, model, lambda: stock_step(model, *args, **kwargs), self._entangle_metrics)
+        self._entangle_due = self.entangle.due(self.state.global_step)
+        try:
+            return self.entangle.run(self, model, lambda: stock_step(model, *args, **kwargs), self._entangle_metrics)
+        finally:
+            self._entangle_due = False
 
     def _entangle_metrics(self, metrics: dict) -> None:
         for key, value in metrics.items():
@@ -174,8 +221,11 @@ class EntangledDPOTrainer(_StockDPOTrainer):
                                                                                completion_mask)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
+        options = {"ches": self._entangle_due and mode == "train"}
+        if HAS_TOKEN_METRICS:
+            options["token_metrics"] = True
         with self.accelerator.autocast():
-            out = wrapped_preference_logprobs(model, batch, impl=self.entangle_impl)
+            out = wrapped_preference_logprobs(model, batch, impl=self.entangle_impl, **options)
         chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -183,25 +233,46 @@ class EntangledDPOTrainer(_StockDPOTrainer):
             ref_chosen, ref_rejected = self._reference_logps(batch)
         ref_chosen = ref_chosen.to(chosen_logps)
         ref_rejected = ref_rejected.to(rejected_logps)
-        # TRL's IPO averages over the completion tokens of the (unshifted) completion mask, at least one.
-        lengths = completion_mask.sum(dim=1).clamp(min=1).to(chosen_logps.dtype)
-        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+        # TRL's ipo and sigmoid_norm average over the (unshifted) completion mask's count, at least one; its sft over
+        # the scored (shifted) completion tokens.
+        lengths = {"completion": completion_mask.sum(dim=1).clamp(min=1).to(chosen_logps.dtype).chunk(2, dim=0),
+                   "scored": (out.chosen_lengths, out.rejected_lengths)}
 
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            spec = LOSSES[SUPPORTED_LOSS_TYPES[loss_type]]
+            chosen_lengths, rejected_lengths = lengths["scored" if spec.name == "sft" else "completion"]
             per_pair = preference_loss(
-                SUPPORTED_LOSS_TYPES[loss_type], chosen_logps, rejected_logps, ref_chosen_logps=ref_chosen,
+                spec.name, chosen_logps, rejected_logps, ref_chosen_logps=ref_chosen,
                 ref_rejected_logps=ref_rejected, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                beta=self.beta,
+                **{k: self._trl_hyper(k) for k in spec.trl_hyper},
             ).losses
             loss = loss + per_pair.mean() * weight
 
+        if out.ches is not None:
+            for key, value in (("ches", out.ches), ("ches_norm", out.ches_norm)):
+                value = self.accelerator.gather(value.detach().float())
+                value = value[value.isfinite()]
+                if value.numel():
+                    self._metrics[mode][f"{self.entangle.prefix}{key}"].append(value.mean().item())
+        token_metrics = getattr(out, "token_metrics", None)
+        if token_metrics is not None:
+            labels = batch_labels(input_ids, attention_mask, completion_mask)
+            vocab = output_head(unwrap_model(model))[0].shape[0]
+            for key, (total, count) in token_metric_means(token_metrics, labels, vocab).items():
+                total = self.accelerator.gather_for_metrics(total.detach()).sum().item()
+                count = self.accelerator.gather_for_metrics(count).sum().item()
+                self._metrics[mode][key].append(total / count if count > 0 else 0.0)
         self._log_trl_metrics(mode, attention_mask, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return loss, outputs
         return loss
+
+    def _trl_hyper(self, name: str):
+        """The value TRL's loss code reads for DPOConfig field ``name`` (the trainer's copy where TRL keeps one)."""
+        return getattr(self, name) if hasattr(self, name) else getattr(self.args, name)
 
     def _log_trl_metrics(self, mode, attention_mask, chosen_logps, rejected_logps, ref_chosen, ref_rejected) -> None:
         """TRL's ``rewards/*``, ``logps/*`` and ``num_tokens`` entries, gathered across ranks as TRL gathers them."""
@@ -220,6 +291,12 @@ class EntangledDPOTrainer(_StockDPOTrainer):
         metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
 
 
+def batch_labels(input_ids, attention_mask, completion_mask):
+    """The ``[2B, T-1]`` shifted labels the fused op scores (-100 off the response tokens)."""
+    keep = completion_mask.bool() & attention_mask.bool()
+    return input_ids.masked_fill(~keep, -100)[:, 1:]
+
+
 def _unwrap_peft(model):
     """The PEFT model inside DDP-like wrappers (or the model itself)."""
     while not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -233,6 +310,81 @@ def _unwrap_peft(model):
 _PATCH_SITES = ("trl", "trl.trainer", "trl.trainer.dpo_trainer")
 _saved: dict[str, object] = {}
 
+# TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, TRL >= 1.14) calls this module attribute for the per-token
+# log-probs of the backbone's hidden states; DPO, KTO, GRPO, RLOO and SFT all go through it.
+SEAM_MODULE, SEAM_NAME = "trl.trainer.utils", "_ChunkedLogProbFunction"
+_TOKEN_OUTPUTS = {"entropy", "mean_logits", "is_top1"}
+
+
+class FusedLogProbSeam:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` at TRL's seam: the same ``apply`` arguments
+    (``hidden [N, d], weight [V, d], bias, targets [N], temperature, chunk_size, final_logit_softcapping, logit_scale,
+    outputs``) and the same five outputs (log-probs, entropy, log-sum-of-squared-probs, mean logits, is-top-1), computed
+    by :func:`entangle_fast.linear_logprobs`.
+
+    Calls this op cannot serve exactly are passed to TRL's own function (:attr:`original`): a logit transform
+    (temperature, soft-cap, scale) or per-token metrics when the installed op lacks ``transform``/``token_metrics``;
+    ``log_sum_sq_probs`` (WPO); hidden states and head in different dtypes (autocast). The entropy is returned
+    without gradient (TRL 1.16's trainers use it for logging and entropy masks only).
+    """
+
+    original = None  # TRL's ChunkedLogProbFunction, set by patch_trl
+    calls = 0  # calls served by the fused op (the others went to TRL's function)
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature=1.0, chunk_size=None, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        extra = set(outputs) - {"log_probs"}
+        params = inspect.signature(linear_logprobs).parameters
+        identity = temperature == 1 and final_logit_softcapping is None and logit_scale == 1
+        servable = (
+            (identity or "transform" in params)
+            and extra <= _TOKEN_OUTPUTS
+            and (not extra or "token_metrics" in params)
+            and hidden.dtype == weight.dtype
+        )
+        if not servable:
+            return cls.original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                                      logit_scale, outputs)
+        kwargs = {}
+        if not identity:
+            from entangle_fast.logit_transform import LogitTransform
+
+            cap = None if final_logit_softcapping is None else final_logit_softcapping / temperature
+            kwargs["transform"] = LogitTransform(scale=logit_scale / temperature, softcap=cap)
+        if extra:
+            kwargs["token_metrics"] = True
+        result = linear_logprobs(hidden, weight, targets, bias=bias, **kwargs)
+        cls.calls += 1
+        if not extra:
+            return result, None, None, None, None
+        log_probs, metrics = result[0], result[-1]
+        vocab = weight.shape[0]
+        entropy = metrics.entropy.detach() if "entropy" in extra else None
+        mean_logits = (metrics.logit_sum / vocab).detach() if "mean_logits" in extra else None
+        is_top1 = (metrics.argmax == targets) if "is_top1" in extra else None
+        return log_probs, entropy, None, mean_logits, is_top1
+
+
+def _patch_seam() -> bool:
+    """Install :class:`FusedLogProbSeam` at TRL's chunked log-prob seam; False (one info line) where TRL has none."""
+    import importlib
+
+    try:
+        module = importlib.import_module(SEAM_MODULE)
+    except ImportError:
+        module = None
+    original = getattr(module, SEAM_NAME, None) if module is not None else None
+    if original is None or not callable(getattr(original, "apply", None)):
+        logger.info("patch_trl: trl %s has no chunked log-prob seam (%s.%s); TRL's log-prob heads are left as they are",
+                    trl.__version__, SEAM_MODULE, SEAM_NAME)
+        return False
+    if original is not FusedLogProbSeam:
+        _saved.setdefault(f"{SEAM_MODULE}:{SEAM_NAME}", original)
+        FusedLogProbSeam.original = original
+        setattr(module, SEAM_NAME, FusedLogProbSeam)
+    return True
+
 
 def patch_trl(**entangle_defaults) -> type:
     """Make ``trl.DPOTrainer`` (and ``trl.trainer.DPOTrainer``, ``trl.trainer.dpo_trainer.DPOTrainer``) refer to
@@ -241,6 +393,10 @@ def patch_trl(**entangle_defaults) -> type:
     Call it before the script runs ``from trl import DPOTrainer`` (a name imported earlier keeps the stock class).
     ``entangle_defaults`` (``entangle_every=10``, ...) become the defaults of the patched class. Idempotent; undone by
     :func:`unpatch_trl`. Returns the class now installed.
+
+    Where the installed TRL has its chunked log-prob seam (TRL >= 1.14, :data:`SEAM_MODULE`), TRL's fused LM head is
+    routed through :class:`FusedLogProbSeam` too, so TRL's other trainers (KTO, GRPO, RLOO, SFT) and the reference
+    model's head use this library's op; elsewhere that part is skipped with one info log line.
     """
     import importlib
 
@@ -258,6 +414,7 @@ def patch_trl(**entangle_defaults) -> type:
         module = importlib.import_module(site)
         _saved.setdefault(site, module.__dict__.get("DPOTrainer", _StockDPOTrainer))
         module.DPOTrainer = cls
+    _patch_seam()
     return cls
 
 
@@ -266,7 +423,8 @@ def unpatch_trl() -> None:
     import importlib
 
     for site, original in list(_saved.items()):
-        importlib.import_module(site).DPOTrainer = original
+        module, _, name = site.partition(":")
+        setattr(importlib.import_module(module), name or "DPOTrainer", original)
         del _saved[site]
 
 

@@ -77,7 +77,7 @@ def weighted_gradients(kept: list[KeptUse], lam: Tensor) -> dict[nn.Parameter, T
             impl = resolve_impl("auto", rec.hidden.device, rec.hidden.dtype)
             _, gw, gb = fused_backward(impl, rec.hidden, rec.weight, rec.labels, rec.bias, rec.lse,
                                        _head_upstream(rec, lam), rec.ignore_index, need_weight_grad=True,
-                                       need_bias_grad=rec.bias is not None, layout=None)
+                                       need_bias_grad=rec.bias is not None, layout=None, transform=rec.transform)
             add(use.params["weight"], gw)
             if "bias" in use.params:
                 add(use.params["bias"], gb)
@@ -91,6 +91,9 @@ def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.
     """``[N]`` g_t * delta_t . u_t with u_t = D_W h_t + D_b: each token's loss-unit gradient dotted with D."""
     from entangle_fast.logprobs import _compute_dtype, _row_chunks, _torch_logits, _vocab_tiles
 
+    if not rec.transform.identity:
+        raise NotImplementedError(f"the head term of gradient_dot does not apply a logit transform yet "
+                                  f"({rec.transform.describe()})")
     n, v = rec.hidden.shape[0], rec.weight.shape[0]
     h = rec.hidden.to(dtype)
     valid = rec.labels != rec.ignore_index
