@@ -6,7 +6,12 @@ result (recorded by the suite as a ``user_properties`` entry), every skip with i
 file written from that is the unit everything else reads:
 
     {"schema_version", "preset", "created", "device", "machine": {...}, "methods": {...}, "ours_auto",
-     "ceiling": {dtype: TFLOP/s}, "results": [...], "skipped": [...], "failed": [...], "ratios": [...]}
+     "ceiling": {dtype: TFLOP/s}, "results": [...], "skipped": [...], "failed": [...], "ratios": [...], "label"}
+
+``label`` is :data:`SMOKE_LABEL` for the ``smoke`` preset (each case runs once, untimed warm-up included: a check that
+every suite runs, whose times and ratios mean nothing) and None otherwise. By default runs are written to
+``./entangle-bench/`` under the current working directory (:func:`default_results_dir`), never beside the committed
+results in the checkout's ``benchmarks/results/``.
 
 (:data:`RUN_SCHEMA` spells out keys and types; :func:`check_run` checks a run against it.) Every figure that matters
 is a ratio of two measurements of the same run (:func:`compute_ratios`); :func:`compare` sets two runs side by side.
@@ -40,7 +45,7 @@ RUN_SCHEMA = {
     "schema_version": (int, True), "preset": (str, True), "created": (str, True), "device": (str, True),
     "machine": (dict, True), "methods": (dict, True), "ours_auto": (str, True), "ceiling": (dict, True),
     "results": (list, True), "skipped": (list, True), "failed": (list, True), "ratios": (list, True),
-    "pytest_exit_code": (int, False),
+    "pytest_exit_code": (int, False), "label": (_OPT_STR, False),
 }
 RESULT_SCHEMA = {
     "id": (str, True), "kind": (str, True), "group": (str, True), "impl": (str, True), "pass": (str, True),
@@ -60,6 +65,9 @@ RATIO_SCHEMA = {
     "numerator": (str, True), "denominator": (str, True), "value": (_NUM, True), "better": (str, True),
     "headline": (bool, True),
 }
+SMOKE_LABEL = "smoke: not a measurement"
+DEFAULT_OUT = "entangle-bench"
+OUT_ENV = "ENTANGLE_FAST_BENCH_OUT"  # where a suite writing its own files (the profile suite) puts them during a run
 MACHINE_KEYS = ("cpu", "cores", "gpu", "torch", "triton", "cuda", "python", "platform")
 
 
@@ -325,7 +333,8 @@ def build_run(preset: str, results: list[dict], skipped: list[dict], failed: lis
     run = {"schema_version": SCHEMA_VERSION, "preset": preset,
            "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "device": device, "machine": machine, "methods": methods, "ours_auto": ours_auto, "ceiling": ceiling,
-           "results": results, "skipped": skipped, "failed": failed, "ratios": compute_ratios(results, ours_auto)}
+           "results": results, "skipped": skipped, "failed": failed, "ratios": compute_ratios(results, ours_auto),
+           "label": SMOKE_LABEL if preset == "smoke" else None}
     if exit_code is not None:
         run["pytest_exit_code"] = int(exit_code)
     return run
@@ -357,7 +366,9 @@ def _fmt(x, spec=".3g") -> str:
 def summary_markdown(run: dict) -> str:
     """The run as Markdown: machine, methods, headline ratios, every ratio, every measurement, skips, failures."""
     mach = run["machine"]
-    lines = [f"# entangle_fast benchmarks: preset `{run['preset']}` on {machine_slug(mach, run['device'])}", "",
+    label = run.get("label")
+    lines = [f"# entangle_fast benchmarks: preset `{run['preset']}` on {machine_slug(mach, run['device'])}"
+             + (f" ({label})" if label else ""), "",
              f"- run: {run['created']}, device `{run['device']}`",
              f"- CPU: {mach.get('cpu')} ({mach.get('cores')} cores, {mach.get('torch_threads', '?')} torch threads)",
              f"- load average (1/5/15 min) at start {mach.get('load_average_start') or '-'}, at end "
@@ -371,7 +382,11 @@ def summary_markdown(run: dict) -> str:
              "- matmul ceiling (measured this run): "
              + (", ".join(f"{d} {v:.3g} TFLOP/s" for d, v in run["ceiling"].items()) or "-"),
              f"- ours on this device (impl='auto'): `{run['ours_auto']}`", ""]
-    lines += ["## Headline ratios", "", "| op | shape | pass | ratio | value | better |", "|---|---|---|---|---:|---|"]
+    lines += ["## Headline ratios", ""]
+    if label:
+        lines += [f"**{label}**: every case ran once, untimed warm-up included, to check that the suites run; these "
+                  "times and ratios are not results. Run the `cpu` or `gpu` preset to measure.", ""]
+    lines += ["| op | shape | pass | ratio | value | better |", "|---|---|---|---|---:|---|"]
     lines += [f"| {r['kind']} | {r['shape']} | {r['pass']} | {r['name']} | {r['value']:.3g} | {r['better']} |"
               for r in run["ratios"] if r["headline"]]
     lines += ["", "## All ratios", "", "| op | shape | pass | ratio | value |", "|---|---|---|---|---:|"]
@@ -494,7 +509,8 @@ def compare(a_json, b_json) -> dict:
                            "b_over_a": rb["value"] / ra["value"] if ra["value"] else None})
 
     def label(run):
-        return f"{run['preset']} @ {machine_slug(run['machine'], run['device'])} ({run['created']})"
+        note = f", {run['label']}" if run.get("label") else ""
+        return f"{run['preset']} @ {machine_slug(run['machine'], run['device'])} ({run['created']}{note})"
 
     return {"a": label(a), "b": label(b), "measurements": rows, "ratios": ratios}
 
@@ -528,7 +544,9 @@ def benchmarks_dir() -> Path:
 
 
 def default_results_dir() -> Path:
-    return benchmarks_dir() / "results"
+    """``./entangle-bench/`` under the current working directory: a run never lands beside the committed results in
+    the checkout's ``benchmarks/results/`` unless ``--out`` says so."""
+    return Path.cwd() / DEFAULT_OUT
 
 
 class _Collector:
@@ -614,11 +632,17 @@ def run_preset(preset: str, out_dir: str | Path, *, keyword: str | None = None, 
     load_start = _loadavg()
     fd, log_name = tempfile.mkstemp(prefix="entangle-fast-bench-", suffix=".log")
     log = Path(log_name)
+    saved_out = os.environ.get(OUT_ENV)
+    os.environ[OUT_ENV] = str(out_dir.resolve())
     with os.fdopen(fd, "w") as log_file, contextlib.redirect_stdout(log_file):
         try:
             code = int(pytest.main(args, plugins=[collector]))
         finally:
             collector.close()
+            if saved_out is None:
+                os.environ.pop(OUT_ENV, None)
+            else:
+                os.environ[OUT_ENV] = saved_out
     machine = machine_info()  # torch_threads: what the suites ran with (--bench-threads sets it in this process)
     machine["load_average_start"] = load_start
     run = build_run(preset, collector.results, collector.skipped, collector.failed, machine=machine, exit_code=code)

@@ -160,7 +160,8 @@ class DemoConfig:
     ``sft_steps=None`` means 10 for the built-in model and 0 for ``model`` (a checkpoint is usually fine-tuned
     already). ``norm_lr=None`` gives the normalised update, per set, the step length of that set's first DPO step
     (the same distance, a different direction). ``dtype`` applies to the model's parameters. ``heatmap_set``: the set
-    whose first DPO step's output-layer token matrix is drawn (default the last set).
+    whose first DPO step's output-layer token matrix is drawn (default the last set). ``full_table``: print one row
+    per step of every run (2 x sets x steps rows) instead of one summary row per set and method.
     """
 
     steps: int = 40
@@ -180,6 +181,7 @@ class DemoConfig:
     progress: bool = True
     plots: bool = True
     heatmap_set: str | None = None
+    full_table: bool = False
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -463,6 +465,21 @@ def _table_row(set_name: str, method: str, lg: StepLog) -> str:
             f"{_mean(lg.measured_rejected):>+8.4f}")
 
 
+def _summary_header() -> str:
+    return (f"{'set':>4} {'method':>10} {'steps':>5} {'cos':>6} {'d log p(w)':>10} {'d log p(l)':>10} "
+            f"{'d margin':>9} {'w fell':>7} {'cases 1/2/3':>11} {'pred sign':>9}")
+
+
+def _summary_row(set_name: str, method: str, summary: dict, steps: int) -> str:
+    """One run in one line: mean cosine, the start-to-end change of the mean log-probs and margin, on how many steps
+    the chosen log-prob fell, every (step, pair) case, and how often the prediction had the measured sign."""
+    counts = summary["case_counts"]
+    cases = "/".join(str(counts[c]) for c in ("1", "2", "3"))
+    return (f"{set_name:>4} {method:>10} {steps:>5} {summary['cosine_mean']:>6.3f} {summary['chosen_change']:>+10.3f} "
+            f"{summary['rejected_change']:>+10.3f} {summary['margin_change']:>+9.3f} "
+            f"{summary['steps_chosen_fell']:>3}/{steps:<3} {cases:>11} {100 * summary['prediction_sign_agreement']:>8.0f}%")
+
+
 def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> DemoResult:
     """SFT, then DPO and the normalised update on every set from the same start; table, JSON log, plots, verdict.
 
@@ -504,11 +521,17 @@ def _run_demo(config: DemoConfig, print_fn: Callable[[str], None]) -> DemoResult
     print_fn(f"model: {config.model or 'built-in tiny Llama'} ({n_params:,} parameters, {config.dtype}); "
              f"SFT {sft_steps} Adam steps (loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f})" if sft_losses else
              f"model: {config.model or 'built-in tiny Llama'} ({n_params:,} parameters, {config.dtype}); no SFT")
-    print_fn(f"optimizer: plain SGD, lr {config.lr} (so 'pred' is a first-order forecast of the next step's change, "
+    print_fn(f"optimizer: plain SGD, lr {config.lr} (so the predicted change is a first-order forecast of the next step's, "
              f"cross-pair terms included; under Adam it would only indicate the direction)")
-    print_fn("columns: means over the set's pairs of the log-probs before the step and of the gradient cosine; each "
-             "pair's case for a DPO step from there (1 ideal, 2 both fall, 3 both rise); the step's predicted "
-             "(-lr <grad s, step>) and measured change of each log-prob\n")
+    if config.full_table:
+        print_fn("columns: means over the set's pairs of the log-probs before the step and of the gradient cosine; "
+                 "each pair's case for a DPO step from there (1 ideal, 2 both fall, 3 both rise); the step's predicted "
+                 "(-lr <grad s, step>) and measured change of each log-prob\n")
+    else:
+        print_fn("one row per set and method (--table: every step): mean gradient cosine over steps and pairs; change "
+                 "of the mean chosen / rejected log-prob and of the margin from start to end; steps on which the "
+                 "chosen log-prob fell; (step, pair) counts of case 1 ideal / 2 both fall / 3 both rise; how often the "
+                 "predicted change had the measured sign\n")
 
     progress = None
     total = 2 * config.steps * len(sets)
@@ -525,7 +548,7 @@ def _run_demo(config: DemoConfig, print_fn: Callable[[str], None]) -> DemoResult
         with progress.external_write_mode(file=sys.stderr):  # clear the bar, print, redraw it
             print_fn(line)
 
-    emit(_table_header())
+    emit(_table_header() if config.full_table else _summary_header())
     log = {"config": asdict(config), "sft_steps": sft_steps, "sft_losses": sft_losses, "parameters": n_params,
            "sets": {}, "summary": {}}
     heatmap = None
@@ -543,7 +566,8 @@ def _run_demo(config: DemoConfig, print_fn: Callable[[str], None]) -> DemoResult
                 lr = config.lr if method == "dpo" else norm_lr
 
                 def on_step(lg: StepLog, _name=s.name, _method=method) -> None:
-                    emit(_table_row(_name, _method, lg))
+                    if config.full_table:
+                        emit(_table_row(_name, _method, lg))
                     if progress is not None:
                         progress.update(1)
 
@@ -555,6 +579,8 @@ def _run_demo(config: DemoConfig, print_fn: Callable[[str], None]) -> DemoResult
                 entry[method] = {"lr": lr, "steps": [asdict(lg) for lg in logs],
                                  "final_chosen_logps": _floats(final[0]), "final_rejected_logps": _floats(final[1])}
                 summary[method] = _run_summary(logs, final)
+                if not config.full_table:
+                    emit(_summary_row(s.name, method, summary[method], config.steps))
                 if tstats is not None:
                     p0 = tstats.pair(0)
                     heatmap = {

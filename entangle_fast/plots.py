@@ -18,16 +18,29 @@ DIVERGING_CMAP = "RdBu_r"
 MAX_LABELLED_TOKENS = 96
 _CELL_INCHES = 0.26
 _MAX_INCHES = 40.0
+# Approximate width of one character at 10 pt (DejaVu Sans averages ~0.55 em): used to keep the title, the axis titles
+# and the colour-bar label inside a figure whose axes are only a few cells (a 2-token response).
+_CHAR_INCHES_10PT = 0.085
+_MIN_WIDTH_INCHES = 4.8
 
 
 
 def _save(fig, path) -> Path:
-    """Lay out and write the figure, creating its folder."""
+    """Lay out and write the figure, creating its folder. The saved area is grown to every label (``bbox_inches``),
+    so nothing is clipped even when a label is longer than its axis."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.1)
     return path
+
+
+def _wrap(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` broken at spaces into lines that fit ``width_inches`` at ``fontsize`` points."""
+    import textwrap
+
+    chars = max(int(width_inches / (_CHAR_INCHES_10PT * fontsize / 10)), 12)
+    return "\n".join(textwrap.wrap(text, chars)) if text else text
 
 def _as_array(matrix) -> np.ndarray:
     if hasattr(matrix, "detach"):
@@ -88,7 +101,11 @@ def token_heatmap(matrix, chosen_tokens: list[str], rejected_tokens: list[str], 
     lim = _symmetric_limit(values)
     longest = max([len(display_token(t)) for t in list(chosen_tokens) + list(rejected_tokens)] + [1])
     label_inches = min(0.075 * longest + 0.3, 2.5)
-    fig = _figure(_CELL_INCHES * tl + label_inches + 1.8, _CELL_INCHES * tw + label_inches + 1.0)
+    width = max(_CELL_INCHES * tl + label_inches + 1.8, _MIN_WIDTH_INCHES)
+    # Vertical texts (the y-axis title, the colour-bar label) need the axes about as tall as they are long.
+    vertical = max(len(ylabel), len(cbar_label)) * _CHAR_INCHES_10PT * 0.9
+    height = max(_CELL_INCHES * tw + label_inches + 1.0, vertical + label_inches + 1.0)
+    fig = _figure(width, height)
     ax = fig.add_subplot(1, 1, 1)
     import matplotlib
 
@@ -103,10 +120,10 @@ def token_heatmap(matrix, chosen_tokens: list[str], rejected_tokens: list[str], 
         axis_ticks(idx, [display_token(labels[i]) for i in idx], fontsize=fontsize, rotation=rotate)
     ax.set_ylabel(ylabel)
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title, min(width, _MAX_INCHES) - 0.6, 10), fontsize=10)
     cbar = fig.colorbar(image, ax=ax, fraction=0.046 if tl > 8 else 0.1, pad=0.02)
     if cbar_label:
-        cbar.set_label(cbar_label)
+        cbar.set_label(cbar_label, fontsize=9)
     return _save(fig, path)
 
 

@@ -40,7 +40,8 @@ class PreferenceLogprobs:
         chosen_token_logps / rejected_token_logps: ``[B, T-1]`` per-token log-probs of the shifted labels, 0 on prompt
             and padding positions (position t scores token t + 1 of the row).
         chosen_logps / rejected_logps: ``[B]`` sums over response tokens (the sequence log-prob s).
-        chosen_mean_logps / rejected_mean_logps: ``[B]`` means over response tokens (NaN for an empty response).
+        chosen_mean_logps / rejected_mean_logps: ``[B]`` means over response tokens (never empty: see
+            :func:`check_responses`).
         chosen_lengths / rejected_lengths: ``[B]`` int64 response-token counts.
         token_mask: ``[2B, T-1]`` bool, the response tokens (rows in TRL's concatenated order).
         token_stats: with ``token_stats=True``, the handle filled by the backward.
@@ -130,6 +131,41 @@ def normalize_batch(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
     return input_ids, mask, labels
 
 
+def require_causal_lm(model: nn.Module) -> None:
+    """Raise a ``TypeError`` naming what is missing when ``model`` is not a Hugging Face causal LM (PEFT-wrapped or
+    not): :func:`preference_logprobs` needs its ``get_output_embeddings()`` and its ``base_model`` backbone."""
+    missing = [name for name in ("get_output_embeddings", "base_model") if not hasattr(model, name)]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} is not a Hugging Face causal LM (no {' or '.join(missing)}): "
+            "preference_logprobs needs a *ForCausalLM model (PEFT-wrapped works); for any other model compute the "
+            "chosen and rejected log-probs yourself and call EntanglementMonitor.watch(chosen_logps, rejected_logps)"
+        )
+
+
+def empty_responses(labels: Tensor) -> tuple[list[int], list[int]]:
+    """``(chosen, rejected)``: the pair indices whose chosen / rejected row of ``labels`` ``[2B, T]`` (TRL's layout,
+    unshifted) has no response token, i.e. no label other than -100 after the first position. One host sync."""
+    empty = (labels[:, 1:] == IGNORE_INDEX).all(-1)
+    if not bool(empty.any()):
+        return [], []
+    b = labels.shape[0] // 2
+    rows = torch.nonzero(empty).flatten().tolist()
+    return [r for r in rows if r < b], [r - b for r in rows if r >= b]
+
+
+def check_responses(labels: Tensor) -> None:
+    """Raise a ``ValueError`` naming every row of ``labels`` ``[2B, T]`` whose response is empty (all labels -100):
+    its log-prob would be an empty sum (0) and its statistics NaN, while the loss still trained on it."""
+    chosen, rejected = empty_responses(labels)
+    if chosen or rejected:
+        named = [f"chosen row {i}" for i in chosen] + [f"rejected row {i}" for i in rejected]
+        raise ValueError(
+            f"empty response (every label is -100) in {', '.join(named)} of {labels.shape[0] // 2} pairs: check the "
+            "prompt/response split, the truncation length and the labels; drop such pairs before the step"
+        )
+
+
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight [V, d], bias [V] | None)`` of a causal LM's output embedding; refuses heads that rescale logits."""
     config = getattr(model, "config", None)
@@ -181,8 +217,14 @@ def preference_logprobs(
 
     Returns:
         :class:`PreferenceLogprobs`.
+
+    Raises:
+        TypeError: ``model`` is not a Hugging Face causal LM (no ``get_output_embeddings`` / ``base_model``).
+        ValueError: a chosen or rejected row has no response token (every label -100); the message names the rows.
     """
+    require_causal_lm(model)
     input_ids, attention_mask, labels = normalize_batch(batch)
+    check_responses(labels)
     weight, bias = output_head(model)
     hidden = backbone_hidden_states(model, input_ids, attention_mask)
     shifted = labels[:, 1:].contiguous()

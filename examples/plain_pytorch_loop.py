@@ -2,7 +2,7 @@
 
 Runs on CPU in seconds with the built-in tiny model and pairs (built in code, nothing is downloaded):
 
-    python examples/plain_pytorch_loop.py --steps 8
+    python examples/plain_pytorch_loop.py --steps 8            # --quiet: no per-step lines
 
 Each step runs forward, loss and backward inside ``EntanglementMonitor``; the statistics come out of that one
 backward. With plain SGD the monitor's first-order prediction of how each log-prob moves (``predicted_delta``) can be
@@ -64,5 +64,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--loss", default="dpo", help="a name of entangle_fast.losses.LOSSES (dpo, ipo, hinge, ...)")
+    parser.add_argument("--beta", type=float, default=0.1, help="the loss's beta (default 0.1)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing per step (main() still returns the history)")
     cli = parser.parse_args()
-    main(cli.steps, cli.lr, cli.loss)
+    main(cli.steps, cli.lr, cli.loss, beta=cli.beta, quiet=cli.quiet)

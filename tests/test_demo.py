@@ -19,7 +19,7 @@ from entangle_fast.models import TinyConfig, build_tokenizer, tiny_model
 def reduced_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     lines = []
-    result = run_demo(DemoConfig(steps=20, out=str(out), progress=False), print_fn=lines.append)
+    result = run_demo(DemoConfig(steps=20, out=str(out), progress=False, full_table=True), print_fn=lines.append)
     return result, json.loads(result.json_path.read_text()), "\n".join(lines)
 
 

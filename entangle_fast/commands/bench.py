@@ -1,6 +1,6 @@
 """``entangle-fast bench``: run a benchmark preset and write its JSON, summary and plots, or compare two runs.
 
-    entangle-fast bench                          # the cpu preset, into benchmarks/results/
+    entangle-fast bench                          # the cpu preset, into ./entangle-bench/
     entangle-fast bench --preset gpu --out runs/ # real shapes on a GPU (skipped, with the reason, without one)
     entangle-fast bench --compare A.json B.json  # B against A, measurement by measurement and ratio by ratio
 """
@@ -18,7 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "Llama-3-8B head shape's memory target on CPU (~15 min, ~20 GiB RAM); smoke: one tiny "
                              "shape per benchmark, run once")
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="where to write the run (default: benchmarks/results of the source checkout)")
+                        help="where to write the run (default: ./entangle-bench under the current directory; "
+                             "the committed runs live in the checkout's benchmarks/results)")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                         help="print B against A instead of running anything")
     parser.add_argument("-k", dest="keyword", metavar="EXPR", default=None,
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"entangle-fast bench: error: {err}", file=sys.stderr)
         return 2
     c = files.counts
-    print(f"preset {args.preset}: {c['results']} measured, {c['skipped']} skipped, {c['failed']} failed")
+    note = f" ({bench.SMOKE_LABEL})" if args.preset == "smoke" else ""
+    print(f"preset {args.preset}: {c['results']} measured, {c['skipped']} skipped, {c['failed']} failed{note}")
     print(f"wrote {files.json}")
     print(f"wrote {files.markdown}")
     for plot in files.plots:

@@ -5,7 +5,7 @@
     entangle-fast demo --model ./my-llama --data prefs.jsonl --sft-steps 0 --lr 1e-4
 
 SFT, then DPO with the entanglement monitor on every step and the pairwise normalised update from the same start;
-prints a per-step table and a verdict, writes ``demo.json`` and PNG plots under ``--out``. Plain SGD throughout, so the
+prints one summary row per set and method (``--table``: every step) and a verdict, writes ``demo.json`` and PNG plots under ``--out``. Plain SGD throughout, so the
 predicted change of each log-prob is a first-order forecast the next step measures.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (default float64 built-in, float32 with --model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--table", action="store_true",
+                        help="print every step of every run (default: one summary row per set and method)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float32" if args.model else "float64")
     config = DemoConfig(steps=args.steps, lr=args.lr, seed=args.seed, beta=args.beta, sft_steps=args.sft_steps,
                         out=args.out, model=args.model, data=args.data, device=args.device, dtype=dtype,
-                        progress=not args.no_progress, plots=not args.no_plots)
+                        progress=not args.no_progress, plots=not args.no_plots, full_table=args.table)
     run_demo(config)
     return 0

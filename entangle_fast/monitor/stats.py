@@ -7,7 +7,10 @@ import torch
 from torch import Tensor
 
 
-@dataclass
+CASE_NAMES = {0: "undefined", 1: "ideal", 2: "both fall", 3: "both rise"}
+
+
+@dataclass(repr=False)
 class EntanglementStats:
     """Gradient-entanglement statistics of B preference pairs over the tracked parameters, from one backward.
 
@@ -73,6 +76,47 @@ class EntanglementStats:
         d_chosen = -lr * (times(self.a_w, self.chosen_sq_norm) + times(self.a_l, self.inner))
         d_rejected = -lr * (times(self.a_w, self.inner) + times(self.a_l, self.rejected_sq_norm))
         return d_chosen, d_rejected
+
+    def summary(self, lr: float | None = None, max_pairs: int = 16) -> str:
+        """A short readable table, one line per pair: I, N_w, N_l, cosine, case and the predicted change.
+
+        Args:
+            lr: SGD step size for the predicted change columns ``ds_w``, ``ds_l`` (:meth:`predicted_delta`); without
+                it they are per unit step size (``ds_w/lr``, ``ds_l/lr``).
+            max_pairs: at most this many pairs are listed (the first ones); the line below says how many were left out.
+
+        ``repr(stats)`` is ``stats.summary()``; the tensors themselves are the attributes. For per-step scalars to log
+        (means over pairs, case fractions) see ``entangle_fast.integrations.distributed.entanglement_metrics``.
+        """
+        b = int(self.inner.shape[0])
+        step = 1.0 if lr is None else float(lr)
+        d_chosen, d_rejected = self.predicted_delta(step)
+        cols = [t.detach().to("cpu", torch.float64) for t in (self.inner, self.chosen_sq_norm, self.rejected_sq_norm,
+                                                              self.cosine, d_chosen, d_rejected)]
+        case = self.case.detach().to("cpu").tolist()
+        counts = {name: case.count(c) for c, name in CASE_NAMES.items() if case.count(c)}
+        extras = [f"{len(self.per_module)} module terms in per_module"]
+        if self.sketched:
+            extras.append(f"{len(self.sketched)} sketched (estimates)")
+        if self.position_attribution is not None:
+            extras.append("position_attribution")
+        head = (f"EntanglementStats: {b} pair{'s' if b != 1 else ''}; cases "
+                + (", ".join(f"{n} {k}" for n, k in counts.items()) or "none") + f"; {'; '.join(extras)}")
+        pred = ("ds_w/lr", "ds_l/lr") if lr is None else ("ds_w", "ds_l")
+        names = ("pair", "inner", "N_w", "N_l", "cosine", "case", pred[0], pred[1])
+        lines = [head, f"{names[0]:>4} {names[1]:>10} {names[2]:>10} {names[3]:>10} {names[4]:>7} {names[5]:>9} "
+                       f"{names[6]:>10} {names[7]:>10}"]
+        shown = min(b, max(int(max_pairs), 0))
+        for i in range(shown):
+            inner, nw, nl, cos, dw, dl = (float(c[i]) for c in cols)
+            lines.append(f"{i:>4} {inner:>10.3g} {nw:>10.3g} {nl:>10.3g} {cos:>+7.3f} {CASE_NAMES[case[i]]:>9} "
+                         f"{dw:>+10.3g} {dl:>+10.3g}")
+        if shown < b:
+            lines.append(f"... {b - shown} more pairs (summary(max_pairs=...) lists more)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
 
 
 def classify(inner: Tensor, nw: Tensor, nl: Tensor, a_w: Tensor, a_l: Tensor):
