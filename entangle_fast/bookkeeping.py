@@ -188,7 +188,7 @@ def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor
     n_rows, n_tok = lengths.shape[0], a.shape[0]
     if n_rows and bool((lengths == lengths[0]).all()):
         t = int(lengths[0])
-        return torch_pair_wgrad_dense(a.view(n_rows, t, a.shape[1]), gamma.view(n_rows, t, gamma.shape[1]), pairs,
+        return torch_pair_wgrad_dense(a.reshape(n_rows, t, a.shape[1]), gamma.reshape(n_rows, t, gamma.shape[1]), pairs,
                                       fold, unpaired, bias=bias, out_dtype=out_dtype, chunk_rows=chunk_rows)
     cdt = _compute_dtype(a.dtype)
     device = a.device
