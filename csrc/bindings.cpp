@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "common.cuh"
+#include "pair_wgrad.cuh"
 
 namespace ef = entangle_fast;
 
@@ -202,9 +203,54 @@ std::tuple<at::Tensor, at::Tensor> ghost_gram(const std::optional<at::Tensor>& a
   return {partials.sum(1), pos};
 }
 
+// Pair-by-pair weight gradient (kernels/pair_wgrad.py's contract): fills grad_weight [d_out, d_in] and grad_bias
+// [d_out] (or none) in float32 or the inputs' dtype, and adds the per-pair statistics to stats float32 [3, B].
+void pair_wgrad(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& cu_seqlens, const at::Tensor& pairs,
+                const at::Tensor& fold, const at::Tensor& unpaired, const at::Tensor& grad_weight,
+                const std::optional<at::Tensor>& grad_bias, const at::Tensor& stats) {
+  TORCH_CHECK(a.dim() == 2 && gamma.dim() == 2 && a.size(0) == gamma.size(0) &&
+                  a.scalar_type() == gamma.scalar_type(),
+              "a [S, d_in] and gamma [S, d_out] must share S and dtype, got ", a.sizes(), " ", gamma.sizes());
+  const ef::DType dt = dtype_of(gamma, "gamma");
+  const int64_t d_in = a.size(1), d_out = gamma.size(1), B = pairs.size(0);
+  check_cuda(a, gamma, "a");
+  check_cuda(gamma, gamma, "gamma");
+  check_cuda(cu_seqlens, gamma, "cu_seqlens");
+  check_cuda(pairs, gamma, "pairs");
+  check_cuda(fold, gamma, "fold");
+  check_cuda(unpaired, gamma, "unpaired");
+  check_cuda(grad_weight, gamma, "grad_weight");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.dim() == 1, "cu_seqlens must be int64 [R + 1]");
+  TORCH_CHECK(pairs.scalar_type() == at::kLong && pairs.dim() == 2 && pairs.size(1) == 2, "pairs must be int64 [B, 2]");
+  TORCH_CHECK(fold.scalar_type() == at::kInt && fold.sizes() == pairs.sizes(), "fold must be int32 [B, 2]");
+  TORCH_CHECK(unpaired.scalar_type() == at::kLong && unpaired.dim() == 1, "unpaired must be int64 [U]");
+  const bool out_fp32 = grad_weight.scalar_type() == at::kFloat;
+  TORCH_CHECK((out_fp32 || grad_weight.scalar_type() == gamma.scalar_type()) &&
+                  grad_weight.sizes() == at::IntArrayRef({d_out, d_in}),
+              "grad_weight must be float32 or ", gamma.scalar_type(), " [", d_out, ", ", d_in, "], got ",
+              grad_weight.scalar_type(), " ", grad_weight.sizes());
+  if (grad_bias.has_value()) {
+    check_cuda(*grad_bias, gamma, "grad_bias");
+    TORCH_CHECK(grad_bias->scalar_type() == grad_weight.scalar_type() && grad_bias->dim() == 1 &&
+                    grad_bias->size(0) == d_out,
+                "grad_bias must be ", grad_weight.scalar_type(), " [", d_out, "]");
+  }
+  check_fp32(stats, gamma, "stats", {3, B});
+  const c10::cuda::CUDAGuard guard(gamma.device());
+  ef::PairWgradArgs args{dt, out_fp32, a.data_ptr(), gamma.data_ptr(), cu_seqlens.data_ptr<int64_t>(),
+                         pairs.data_ptr<int64_t>(), fold.data_ptr<int32_t>(), unpaired.data_ptr<int64_t>(),
+                         grad_weight.data_ptr(), grad_bias.has_value() ? grad_bias->data_ptr() : nullptr,
+                         stats.data_ptr<float>(), B, unpaired.size(0), d_in, d_out};
+  const cudaError_t err = ef::pair_wgrad(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err != cudaErrorInvalidConfiguration, "pair_wgrad: d_in of more than 65535 x ", ef::kTile,
+              " columns is not supported");
+  C10_CUDA_CHECK(err);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "entangle_fast CUDA kernels (register through entangle_fast._cuda, not directly)";
   m.def("logprob_fwd", &logprob_fwd, "fused log-prob forward -> (logprobs, lse)");
   m.def("logprob_bwd", &logprob_bwd, "fused log-prob backward, accumulating in place");
   m.def("ghost_gram", &ghost_gram, "ghost Gram of segment pairs -> (values, positions)");
+  m.def("pair_wgrad", &pair_wgrad, "pair-by-pair weight gradient with per-pair statistics, in place");
 }

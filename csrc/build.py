@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
-SOURCES = ("bindings.cpp", "logprob.cu", "ghost_gram.cu")
-CUDA_SOURCES = ("logprob.cu", "ghost_gram.cu")
+SOURCES = ("bindings.cpp", "logprob.cu", "ghost_gram.cu", "pair_wgrad.cu")
+CUDA_SOURCES = ("logprob.cu", "ghost_gram.cu", "pair_wgrad.cu")
 DEFAULT_ARCH_LIST = "8.0;9.0"
 EXTENSION_NAME = "entangle_fast._cuda_C"  # ahead-of-time module; the just-in-time one is "entangle_fast_cuda"
 

@@ -278,3 +278,43 @@ def cuda_ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool
     values, pos = torch.ops.entangle_fast.ghost_gram(a, gamma, ids, cu_seqlens, seg_pairs, tmax_i, tmax_j,
                                                      bool(positions))
     return values, (pos if positions else None)
+
+
+@torch.library.custom_op("entangle_fast::pair_wgrad", mutates_args=("grad_weight", "grad_bias", "stats"),
+                         device_types="cuda")
+def _pair_wgrad_op(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor,
+                   grad_weight: Tensor, grad_bias: Optional[Tensor], stats: Tensor) -> None:
+    load_extension().pair_wgrad(a, gamma, cu_seqlens, pairs, fold, unpaired, grad_weight, grad_bias, stats)
+
+
+@_pair_wgrad_op.register_fake
+def _pair_wgrad_fake(a, gamma, cu_seqlens, pairs, fold, unpaired, grad_weight, grad_bias, stats):
+    return None
+
+
+def cuda_pair_wgrad(a, gamma, cu_seqlens, pairs, fold, unpaired, *, bias: bool, out_dtype):
+    """Weight gradient of one layer and per-pair statistics of its per-row gradients (CUDA C++ kernel).
+
+    The contract of ``entangle_fast.kernels.pair_wgrad.pair_wgrad``: a [S, d_in], gamma [S, d_out] in one dtype among
+    fp32/bf16/fp16; cu_seqlens int64 [R + 1], pairs int64 [B, 2], fold int32 [B, 2], unpaired int64 [U] already
+    validated and planned (entangle_fast.bookkeeping.pair_plan). Returns (grad_weight [d_out, d_in] out_dtype,
+    grad_bias [d_out] or None, stats fp32 [3, B] = <G_w, G_l>, ||G_w||^2, ||G_l||^2).
+    """
+    if gamma.dtype not in KERNEL_DTYPES or a.dtype != gamma.dtype:
+        raise ValueError(f"a and gamma must share one dtype among float32, bfloat16, float16; got {a.dtype}, "
+                         f"{gamma.dtype}")
+    if out_dtype not in KERNEL_DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    named = [("gamma", gamma), ("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs), ("fold", fold),
+             ("unpaired", unpaired)]
+    _check_placement(named)
+    d_in, d_out = a.shape[1], gamma.shape[1]
+    # The kernel writes float32 or the inputs' dtype; any other out_dtype goes through a float32 buffer.
+    buf_dtype = out_dtype if out_dtype in (torch.float32, gamma.dtype) else torch.float32
+    # NaN-filled rather than empty: an element the kernel failed to write cannot pass as a value. The statistics are
+    # accumulated with atomics, so they start at 0.
+    gw = torch.full((d_out, d_in), float("nan"), dtype=buf_dtype, device=gamma.device)
+    gb = torch.full((d_out,), float("nan"), dtype=buf_dtype, device=gamma.device) if bias else None
+    stats = torch.zeros(3, pairs.shape[0], dtype=torch.float32, device=gamma.device)
+    torch.ops.entangle_fast.pair_wgrad(a, gamma, cu_seqlens, pairs, fold, unpaired, gw, gb, stats)
+    return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats

@@ -177,3 +177,36 @@ def entanglement_reference(chosen_grads: Tensor, rejected_grads: Tensor) -> dict
     inner = (chosen_grads * rejected_grads).sum(1)
     nw, nl = (chosen_grads * chosen_grads).sum(1), (rejected_grads * rejected_grads).sum(1)
     return {"inner": inner, "chosen_sq_norm": nw, "rejected_sq_norm": nl, "cosine": inner / torch.sqrt(nw * nl)}
+
+
+def pair_weight_grad_reference(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor, *, bias: bool = False):
+    """One layer's weight gradient and per-pair statistics with every per-row gradient materialised.
+
+    Row r's gradients are ``G_r = gamma_r^T a_r`` ``[d_out, d_in]`` and ``b_r = sum gamma_r`` ``[d_out]`` (tokens
+    ``cu_seqlens[r]:cu_seqlens[r + 1]``); ``grad_weight = sum_r G_r`` over every row, and for each pair (w, l)
+    ``inner = <G_w, G_l>``, ``chosen = ||G_w||^2``, ``rejected = ||G_l||^2`` (plus the b parts when ``bias``).
+    Computes in the inputs' dtype with no upcast: float64 inputs give the tests' ground truth, low-precision inputs
+    plain PyTorch's own error in that dtype (the bar of the tolerance rule). Same arguments and result as
+    ``entangle_fast.bookkeeping.pair_weight_grad`` (grad_weight in a's dtype; statistics cast to fp32, or fp64).
+    """
+    from entangle_fast.bookkeeping import PairWeightGrad, _validate
+
+    cu, pr = _validate(a, gamma, cu_seqlens, pairs, a.dtype)
+    bounds = cu.tolist()
+    grads = [gamma[s:e].T @ a[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    sums = [gamma[s:e].sum(dim=0) for s, e in zip(bounds[:-1], bounds[1:])]
+    stat_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+
+    def dot(i: int, j: int) -> Tensor:
+        value = (grads[i] * grads[j]).sum()
+        return value + (sums[i] * sums[j]).sum() if bias else value
+
+    pl = pr.tolist()
+    inner = [dot(w, l) for w, l in pl]
+    chosen = [dot(w, w) for w, _ in pl]
+    rejected = [dot(l, l) for _, l in pl]
+    stats = [torch.stack(s).to(stat_dtype) if s else torch.zeros(0, dtype=stat_dtype, device=a.device)
+             for s in (inner, chosen, rejected)]
+    grad_weight = torch.stack(grads).sum(dim=0) if grads else a.new_zeros(gamma.shape[1], a.shape[1])
+    grad_bias = (torch.stack(sums).sum(dim=0) if sums else gamma.new_zeros(gamma.shape[1])) if bias else None
+    return PairWeightGrad(grad_weight, grad_bias, *stats)

@@ -14,7 +14,8 @@ else:
 if HAS_TRITON:
     from .ghost_gram import ghost_gram_fwd
     from .logprob import logprob_bwd, logprob_fwd
+    from .pair_wgrad import pair_wgrad
 
-    __all__ = ["HAS_TRITON", "logprob_fwd", "logprob_bwd", "ghost_gram_fwd"]
+    __all__ = ["HAS_TRITON", "logprob_fwd", "logprob_bwd", "ghost_gram_fwd", "pair_wgrad"]
 else:
     __all__ = ["HAS_TRITON"]

@@ -94,7 +94,7 @@ def test_bindings_cpp_compiles(compiled):
 
 
 def test_cu_sources_exist():
-    assert CU_FILES == ["ghost_gram.cu", "logprob.cu"], CU_FILES
+    assert CU_FILES == ["ghost_gram.cu", "logprob.cu", "pair_wgrad.cu"], CU_FILES
 
 
 def test_arch_list_parsing(monkeypatch):
