@@ -20,12 +20,15 @@ same row unpadded.
 """
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from entangle_fast.ches import ches_scores
+from entangle_fast.logit_transform import LogitTransform
 from entangle_fast.logprobs import TokenMetrics, linear_logprobs
 from entangle_fast.token_stats import TokenStatsHandle
 
@@ -166,20 +169,111 @@ def check_responses(labels: Tensor) -> None:
         )
 
 
-def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight [V, d], bias [V] | None)`` of a causal LM's output embedding; refuses heads that rescale logits."""
+def _text_config(model: nn.Module):
     config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    return getattr(config, "text_config", None) or config
+
+
+# What each causal LM of transformers does to its head's output before the softmax, by model_type prefix:
+# (config attribute, how it enters). Checked against the model's own forward by the parity probe on first use.
+_LOGIT_RULES = (
+    ("granite", "logits_scaling", "divide"),       # Granite, GraniteMoe*, Granite vision/docling text models
+    ("minicpm3", "logits_scaling", "divide"),      # divides the hidden states: the same map, the head has no bias
+    ("hyperclovax", "logits_scaling", "multiply"),
+    ("cohere", "logit_scale", "multiply"),         # Cohere, Cohere2, Cohere2-MoE
+)
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The map the model applies to ``h W^T + b`` before its softmax: logit scaling and final soft-capping, read from
+    its config (:class:`~entangle_fast.logit_transform.LogitTransform`).
+
+    Raises:
+        NotImplementedError: the config names a logit scaling this library does not know the direction of.
+    """
+    config = _text_config(model)
+    model_type = str(getattr(config, "model_type", "") or "")
+    scale = 1.0
+    for prefix, attr, how in _LOGIT_RULES:
         value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__} transforms its logits ({attr}={value}); the fused log-prob op computes "
-                "log_softmax(h W^T + b) only"
-            )
+        if value in (None, 1, 1.0):
+            continue
+        if model_type.startswith(prefix):
+            scale = 1.0 / float(value) if how == "divide" else float(value)
+            break
+    else:
+        for attr in ("logits_scaling", "logit_scale", "output_multiplier_scale"):
+            value = getattr(config, attr, None)
+            if value not in (None, 1, 1.0) and isinstance(value, (int, float)):
+                raise NotImplementedError(
+                    f"{type(model).__name__} (model_type {model_type!r}) sets {attr}={value}, and how it enters the "
+                    "logits is not known for this model type; the fused log-prob op would compute other log-probs")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, d], bias [V] | None)`` of a causal LM's output embedding."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() returned {head})")
     return head.weight, getattr(head, "bias", None)
+
+
+class LogitParityError(ValueError):
+    """The fused log-probs of a model differ from the ones its own forward gives."""
+
+
+# Models whose fused log-probs have been checked against their own forward (by identity, held weakly).
+_PARITY_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+PARITY_POSITIONS = 32
+# |fused - own| <= atol + rtol |own| per token, by the head's dtype; the model's own logits round in that dtype.
+PARITY_TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (2e-3, 2e-3), torch.bfloat16: (0.15, 0.05),
+                    torch.float16: (0.05, 0.02)}
+
+
+def parity_check_enabled() -> bool:
+    return os.environ.get("ENTANGLE_FAST_CHECK_PARITY", "1") not in ("0", "false", "False")
+
+
+@torch.no_grad()
+def check_logit_parity(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                       impl: str = "auto", transform: LogitTransform | None = None) -> float:
+    """Compare the fused log-probs of the first row (at most :data:`PARITY_POSITIONS` positions) with the model's own
+    forward logits (``log_softmax`` + gather), both in eval mode (no dropout), and raise
+    :class:`LogitParityError` on a mismatch. Returns the largest difference. Run once per model by
+    :func:`preference_logprobs` (``check_parity=False`` or ``ENTANGLE_FAST_CHECK_PARITY=0`` to skip)."""
+    transform = logit_transform(model) if transform is None else transform
+    row = slice(0, 1)
+    mask = attention_mask[row]
+    n = min(int(mask.shape[1]), max(int(mask.long().sum()), 2), PARITY_POSITIONS + 1)
+    start = int(torch.nonzero(mask[0]).flatten()[0]) if bool(mask.any()) else 0
+    cut = slice(start, min(start + n, mask.shape[1]))
+    ids, mask = input_ids[row, cut], mask[:, cut]
+    targets = ids[:, 1:]
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        weight, bias = output_head(model)
+        hidden = backbone_hidden_states(model, ids, mask)[:, :-1].to(weight.dtype)
+        fused = linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, transform=transform)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        own = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, :-1]
+    finally:
+        for m, mode in training:
+            m.training = mode
+    own = torch.log_softmax(own.to(fused.dtype), -1).gather(-1, targets[..., None])[..., 0]
+    atol, rtol = PARITY_TOLERANCE.get(weight.dtype, (2e-3, 2e-3))
+    err = (fused - own).abs()
+    worst = int(err.argmax()) if err.numel() else 0
+    if err.numel() and bool((err > atol + rtol * own.abs()).any()):
+        raise LogitParityError(
+            f"{type(model).__name__}: the fused log-probs differ from the model's own forward by up to "
+            f"{float(err.max()):.3e} (position {worst}: fused {float(fused.flatten()[worst]):.6f}, model "
+            f"{float(own.flatten()[worst]):.6f}) with the logit transform {transform.describe()}. The model transforms "
+            "its logits or hidden states in a way this library does not reproduce; its log-probs and statistics "
+            "would be wrong. (check_parity=False or ENTANGLE_FAST_CHECK_PARITY=0 skips this check.)")
+    return float(err.max()) if err.numel() else 0.0
 
 
 def backbone_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -203,6 +297,7 @@ def preference_logprobs(
     full_matrices: bool = False,
     ches: bool = False,
     token_metrics: bool = False,
+    check_parity: bool = True,
 ) -> PreferenceLogprobs:
     """Chosen and rejected log-probs of a Hugging Face causal LM: one backbone forward, no logits.
 
@@ -214,6 +309,9 @@ def preference_logprobs(
         full_matrices: with ``token_stats``, keep the within-response matrices too.
         ches: also return the pairs' CHES scores from the same hidden states (no gradient).
         token_metrics: also return the fused op's per-token entropy, logit sum and argmax (same pass).
+        check_parity: on the first batch seen for a model, compare the fused log-probs of a few positions with the
+            model's own forward (:func:`check_logit_parity`: one extra forward of one row, once per model); also
+            switched off by ``ENTANGLE_FAST_CHECK_PARITY=0``.
 
     Returns:
         :class:`PreferenceLogprobs`.
@@ -221,16 +319,22 @@ def preference_logprobs(
     Raises:
         TypeError: ``model`` is not a Hugging Face causal LM (no ``get_output_embeddings`` / ``base_model``).
         ValueError: a chosen or rejected row has no response token (every label -100); the message names the rows.
+        LogitParityError: the parity probe found log-probs other than the model's own.
+        NotImplementedError: the model scales its logits in a way this library does not know.
     """
     require_causal_lm(model)
     input_ids, attention_mask, labels = normalize_batch(batch)
     check_responses(labels)
     weight, bias = output_head(model)
+    transform = logit_transform(model)
+    if check_parity and parity_check_enabled() and model not in _PARITY_CHECKED:
+        check_logit_parity(model, input_ids, attention_mask, labels, impl=impl, transform=transform)
+        _PARITY_CHECKED.add(model)
     hidden = backbone_hidden_states(model, input_ids, attention_mask)
     shifted = labels[:, 1:].contiguous()
     hidden = hidden[:, :-1].to(weight.dtype)
     result = linear_logprobs(hidden, weight, shifted, bias=bias, impl=impl, token_stats=token_stats,
-                             full_matrices=full_matrices, token_metrics=token_metrics)
+                             full_matrices=full_matrices, token_metrics=token_metrics, transform=transform)
     metrics = result[-1] if token_metrics else None
     if token_metrics:
         result = result[:-1] if token_stats else result[0]

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from entangle_fast.logprobs import linear_logprobs, output_layer_token_stats
+from entangle_fast.token_stats import head_delta_at
 from entangle_fast.monitor.coverage import Coverage, build_coverage, resolve_params
 from entangle_fast.monitor.kinds.base import CaptureError, as_rows, stock_forward
 from entangle_fast.monitor.kinds.embedding import _LookupRecorder, lookup_scale
@@ -60,6 +61,7 @@ from entangle_fast.preference import (
     backbone_hidden_states,
     collate_rows,
     normalize_batch,
+    logit_transform,
     output_head,
 )
 
@@ -256,6 +258,7 @@ class _PairEngine:
         self.mode, self.k, self.seed = mode, sketch_dim, seed
         self.budget, self.chunk_override, self.keep_modules = memory_budget, chunk_tokens, module_matrices
         weight, bias = output_head(model)
+        self.transform = logit_transform(model)
         # The head enters the profile as data (seeds, cross terms), never as a graph input.
         self.weight, self.bias = weight.detach(), (bias.detach() if bias is not None else None)
         self.cdt = compute_dtype(self.weight.dtype)
@@ -438,7 +441,8 @@ class _PairEngine:
         heads = [(h[:tw].to(self.cdt), y[:tw], lse[:tw]), (h[tw:].to(self.cdt), y[tw:], lse[tw:])]
         head_stats = None
         if self.head is not None:
-            stats = output_layer_token_stats(hidden[:, :-1], self.weight, labels[:, 1:].contiguous(), bias=self.bias)
+            stats = output_layer_token_stats(hidden[:, :-1], self.weight, labels[:, 1:].contiguous(), bias=self.bias,
+                                             transform=self.transform)
             head_stats = stats.pair(0)
         return acts, heads, (seeds[:tw], seeds[tw:]), head_stats
 
@@ -447,12 +451,12 @@ class _PairEngine:
         weight, bias = self.weight, self.bias
         h = hq.detach().requires_grad_(True)
         with torch.enable_grad():
-            lp = linear_logprobs(h, weight, y, bias=bias)
+            lp = linear_logprobs(h, weight, y, bias=bias, transform=self.transform)
             (r,) = torch.autograd.grad(lp.sum(), h)
         target = (hq.to(self.cdt) * weight[y].to(self.cdt)).sum(-1)
         if bias is not None:
             target = target + bias[y].to(self.cdt)
-        return r, target - lp.detach().to(self.cdt)
+        return r, self.transform(target) - lp.detach().to(self.cdt)
 
     # -- one chunk of tokens ------------------------------------------------------------------------------------------
 
@@ -554,8 +558,17 @@ class _PairEngine:
             z = h @ self.weight[v0:v1].to(self.cdt).T
             if self.bias is not None:
                 z = z + self.bias[v0:v1].to(self.cdt)
-            proj += torch.exp(z - lse[:, None]) @ sk.p_out[:, v0:v1].T
-        pv = sk.p_out[:, y].T - proj                              # P_V delta_t
+            p = torch.exp(self.transform(z) - lse[:, None])
+            if not self.transform.identity:
+                p = p * self.transform.derivative(z)
+            proj += p @ sk.p_out[:, v0:v1].T
+        at_label = 1.0  # f'(l_t[y_t])
+        if not self.transform.identity:
+            logit = (h * self.weight[y].to(self.cdt)).sum(-1)
+            if self.bias is not None:
+                logit = logit + self.bias[y].to(self.cdt)
+            at_label = self.transform.derivative(logit)[:, None]
+        pv = sk.p_out[:, y].T * at_label - proj                   # P_V delta_t
         pd = h @ sk.p_in.T
         return (pv[:, :, None] * pd[:, None, :]).reshape(h.shape[0], -1)
 
@@ -611,12 +624,9 @@ class _PairEngine:
         return out
 
     def _delta_at(self, head: tuple[Tensor, Tensor, Tensor], ids: Tensor) -> Tensor:
-        """``[n, P]`` delta_t[ids_tau] = [y_t == ids_tau] - p_t[ids_tau] for the head tokens and a row's input ids."""
+        """``[n, P]`` delta_t[ids_tau] for the head tokens and a row's input ids (:func:`head_delta_at`)."""
         h, y, lse = head
-        z = h @ self.weight[ids].to(self.cdt).T
-        if self.bias is not None:
-            z = z + self.bias[ids].to(self.cdt)
-        return (y[:, None] == ids[None, :]).to(self.cdt) - torch.exp(z - lse[:, None])
+        return head_delta_at(h, y, lse, self.weight, self.bias, ids, self.transform)
 
     def _head_cross(self, emb: int, w: _Factors, l: _Factors) -> Tensor:
         """Cross terms of a tied matrix: chosen embedding use x rejected head use, plus the mirror."""

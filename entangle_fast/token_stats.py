@@ -153,14 +153,28 @@ def _delta_products(hx, hy, yx, yy, lse_x, lse_y, weight, bias, pp, transform: L
         return pp
 
     def gathered(h, lse, ids):  # p_t[ids_s] = exp(f(h_t . W[ids_s] + b[ids_s]) - lse_t): a [T, T'] product over d
-        logits = h @ weight[ids].to(h.dtype).T
-        if bias is not None:
-            logits = logits + bias[ids].to(h.dtype)
-        return torch.exp(transform(logits) - lse[:, None])
+        return torch.exp(transform(head_logits_at(h, weight, bias, ids)) - lse[:, None])
 
     eq = (yx[:, None] == yy[None, :]).to(hx.dtype)
     closed = eq - gathered(hx, lse_x, yy) - gathered(hy, lse_y, yx).T + pp
     return closed if transform.scale == 1.0 else closed * transform.scale**2
+
+
+def head_logits_at(h: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor) -> Tensor:
+    """``[T, T']`` the head's raw logits l_t[ids_s] = h_t . W[ids_s] + b[ids_s] (a product over d, in ``h``'s dtype)."""
+    logits = h @ weight[ids].to(h.dtype).T
+    return logits + bias[ids].to(h.dtype) if bias is not None else logits
+
+
+def head_delta_at(h: Tensor, y: Tensor, lse: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor,
+                  transform: LogitTransform = IDENTITY) -> Tensor:
+    """``[T, T']`` the head's per-token logit gradient at the vocabulary entries ``ids``:
+    delta_t[x] = f'(l_t[x]) ([y_t == x] - p_t[x]), p_t = softmax(f(l_t)), for tokens ``h [T, d]``, labels ``y [T]``,
+    log-sum-exps ``lse [T]`` (of the transformed logits). The one head gather of the tied-embedding cross terms (the
+    monitor's and the profiler's)."""
+    logits = head_logits_at(h, weight, bias, ids)
+    delta = (y[:, None] == ids[None, :]).to(h.dtype) - torch.exp(transform(logits) - lse[:, None])
+    return delta if transform.identity else delta * transform.derivative(logits)
 
 
 def finalize_token_stats(

@@ -15,7 +15,6 @@ from entangle_fast.monitor.stats import CASE_NAMES, EntanglementStats, classify
 from entangle_fast.models import BUILTIN_PAIRS, build_tokenizer, encode_pairs, tiny_model
 from entangle_fast.preference import empty_responses
 
-WIRED = pytest.mark.xfail(strict=False, reason="wired in by the monitor")
 
 
 def random_stats(b: int, seed: int = 0) -> EntanglementStats:
@@ -119,7 +118,6 @@ def test_check_model_names_the_model_with_nothing_to_track():
     preflight.check_model(model, list(model.parameters()))  # a tracked set: accepted
 
 
-@WIRED
 def test_monitor_refuses_a_frozen_model():
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         ef.EntanglementMonitor(tiny_model("llama").requires_grad_(False))
@@ -158,7 +156,6 @@ def test_dropout_warning_does_not_keep_the_model_alive():
     assert len(preflight._warned) == before - 1
 
 
-@WIRED
 def test_monitor_warns_on_active_dropout():
     model = gpt2_with_dropout().train()
     with pytest.warns(preflight.ActiveDropoutWarning):

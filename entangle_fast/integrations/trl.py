@@ -48,7 +48,7 @@ from entangle_fast.integrations.distributed import unwrap_model, wrapped_prefere
 from entangle_fast.integrations.hf import StepMonitor
 from entangle_fast.logprobs import linear_logprobs
 from entangle_fast.losses import LOSSES, TRL_LOSS_TYPES, preference_loss
-from entangle_fast.preference import output_head, preference_logprobs
+from entangle_fast.preference import logit_transform, output_head, preference_logprobs
 
 __all__ = ["EntangledDPOTrainer", "patch_trl", "unpatch_trl", "token_metric_means", "SUPPORTED_LOSS_TYPES",
            "TRL_MIN", "TRL_MAX"]
@@ -174,6 +174,7 @@ class EntangledDPOTrainer(_StockDPOTrainer):
             return "prompt-learning PEFT (virtual tokens) not supported"
         try:
             output_head(unwrap_model(self.model))
+            logit_transform(unwrap_model(self.model))
         except (NotImplementedError, ValueError) as err:
             return str(err)
         return None

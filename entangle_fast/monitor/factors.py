@@ -88,12 +88,11 @@ def weighted_gradients(kept: list[KeptUse], lam: Tensor) -> dict[nn.Parameter, T
 
 
 def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``[N]`` g_t * delta_t . u_t with u_t = D_W h_t + D_b: each token's loss-unit gradient dotted with D."""
+    """``[N]`` g_t * delta_t . u_t with u_t = D_W h_t + D_b: each token's loss-unit gradient dotted with D, where
+    delta_t = f'(l_t) (e_{y_t} - p_t) under the op's logit transform."""
     from entangle_fast.logprobs import _compute_dtype, _row_chunks, _torch_logits, _vocab_tiles
 
-    if not rec.transform.identity:
-        raise NotImplementedError(f"the head term of gradient_dot does not apply a logit transform yet "
-                                  f"({rec.transform.describe()})")
+    transform = rec.transform
     n, v = rec.hidden.shape[0], rec.weight.shape[0]
     h = rec.hidden.to(dtype)
     valid = rec.labels != rec.ignore_index
@@ -104,11 +103,19 @@ def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.
         target = target + (h * d_weight.to(dtype)[safe]).sum(-1)
     if d_bias is not None:
         target = target + d_bias.to(dtype)[safe]
+    if not transform.identity:  # f'(l_t[y_t]) u_t[y_t]
+        label_logits = (h * rec.weight[safe].to(dtype)).sum(-1)
+        if rec.bias is not None:
+            label_logits = label_logits + rec.bias[safe].to(dtype)
+        target = target * transform.derivative(label_logits)
     cdt = _compute_dtype(rec.hidden.dtype)  # the logits as the op computed them
     for c0, c1, w, b in _vocab_tiles(rec.weight, rec.bias, 0, v, cdt):
         dw = d_weight[c0:c1].to(dtype) if d_weight is not None else None
         for rows in _row_chunks(n):
-            p = torch.exp(_torch_logits(rec.hidden[rows].to(cdt), w, b).to(dtype) - rec.lse[rows, None].to(dtype))
+            logits = _torch_logits(rec.hidden[rows].to(cdt), w, b).to(dtype)
+            p = torch.exp(transform(logits) - rec.lse[rows, None].to(dtype))
+            if not transform.identity:
+                p = p * transform.derivative(logits)
             u = torch.zeros_like(p)
             if dw is not None:
                 u = u + h[rows] @ dw.T

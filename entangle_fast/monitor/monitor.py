@@ -22,6 +22,7 @@ from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.coverage import UncoveredParametersError, build_coverage
 from entangle_fast.monitor.kinds import CaptureError, Context, Use
+from entangle_fast.monitor.preflight import check_model, warn_if_dropout
 from entangle_fast.monitor.stats import EntanglementStats, classify
 from entangle_fast.token_stats import BackwardRecord, register_stats_listener
 
@@ -83,6 +84,7 @@ class EntanglementMonitor:
         self.position_attribution = bool(position_attribution)
         self.keep_factors = bool(keep_factors)
         self.coverage = build_coverage(model, params, exclude)
+        check_model(model, self.coverage.params)
         if self.position_attribution:
             generic = [e.name for e in self.coverage.entries if e.kind == "rowwise"]
             if generic:
@@ -105,6 +107,7 @@ class EntanglementMonitor:
     def __enter__(self) -> "EntanglementMonitor":
         if self._active:
             raise RuntimeError("this EntanglementMonitor is already active")
+        warn_if_dropout(self.model)
         self._reset()
         try:
             for idx, entry in enumerate(self.coverage.entries):
@@ -518,7 +521,7 @@ class EntanglementMonitor:
             g = (rec.grad_logprobs.to(cdt) * valid.reshape(-1)).reshape(rows, width, 1)
             tok = R.pack(g, a=rec.hidden.reshape(rows, width, -1), ids=rec.labels.reshape(rows, width),
                          extras=(rec.lse.reshape(rows, width),), dtype=cdt)
-            head = (tok.a, tok.ids, tok.extras[0], tok.gamma[:, 0], rec.weight, rec.bias)
+            head = (tok.a, tok.ids, tok.extras[0], tok.gamma[:, 0], rec.weight, rec.bias, rec.transform)
             return R.Factors(tok, "delta", v=tok.a if attr == "weight" else None, head=head)
         if self._pack(idx, packed) is None:
             return None

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from entangle_fast.ghost import ghost_gram
+from entangle_fast.token_stats import head_delta_at
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -311,7 +312,8 @@ class Factors:
     (dim 0, dim 1); ``v`` is None for a 1-D parameter.
 
     ``u_kind``: ``"dense"`` (``u [S, n]``), ``"ids"`` (one-hot rows, ``ids [S]``) or ``"delta"``: the fused head's
-    g_t (e_{y_t} - p_t), never materialised: ``head = (h [S, d], y [S], lse [S], g [S], W [V, d], b [V] | None)``.
+    g_t f'(l_t) (e_{y_t} - p_t), never materialised: ``head = (h [S, d], y [S], lse [S], g [S], W [V, d],
+    b [V] | None, logit transform)``.
     """
 
     tok: Tokens
@@ -332,14 +334,9 @@ def _u_dot(x: Factors, i: int, y: Factors, j: int) -> Tensor:
     if kinds == ("ids", "ids"):
         return (x.tok.ids[si][:, None] == y.tok.ids[sj][None, :]).to(x.tok.gamma.dtype)
     if kinds == ("delta", "ids"):
-        # g_t delta_t[x] = g_t ([y_t == x] - exp(h_t . W[x] + b[x] - lse_t)): a [T_i, T_j] product over d.
-        h, lab, lse, g, weight, bias = x.head
-        ids = y.tok.ids[sj]
-        logits = h[si] @ weight[ids].to(h.dtype).T
-        if bias is not None:
-            logits = logits + bias[ids].to(h.dtype)
-        eq = (lab[si][:, None] == ids[None, :]).to(h.dtype)
-        return g[si][:, None] * (eq - torch.exp(logits - lse[si][:, None]))
+        # g_t delta_t[x], delta_t[x] = f'(l_t[x]) ([y_t == x] - p_t[x]): a [T_i, T_j] product over d.
+        h, lab, lse, g, weight, bias, transform = x.head
+        return g[si][:, None] * head_delta_at(h[si], lab[si], lse[si], weight, bias, y.tok.ids[sj], transform)
     if kinds[::-1] in (("dense", "ids"), ("delta", "ids")):
         return _u_dot(y, j, x, i).T
     raise NotImplementedError(
