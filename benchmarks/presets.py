@@ -97,8 +97,10 @@ class MatmulShape:
 class MonitorShape:
     """A DPO training step of a Llama-style model built in code: ``pairs`` pairs of ``prompt + response`` tokens.
 
-    The monitor suite times the step without the monitor (``off``), with it (``exact``, ``sketch``) and with the
-    two-extra-backward baseline (``explicit``: each response's flattened gradient by its own backward)."""
+    The monitor suite times the step without the monitor (``off``), with it (``exact``: book-keeping, the monitor
+    forming the linear layers' weight gradients; ``exact-autograd``: ``bookkeeping=False``, bit-identical gradients;
+    ``sketch``) and with the two-extra-backward baseline (``explicit``: each response's flattened gradient by its
+    own backward)."""
 
     label: str
     hidden: int
@@ -112,7 +114,7 @@ class MonitorShape:
     response: int
     dtype: str = "float32"
     sketch_dim: int = 32
-    modes: tuple[str, ...] = ("off", "exact", "sketch", "explicit")
+    modes: tuple[str, ...] = ("off", "exact", "exact-autograd", "sketch", "explicit")
 
     @property
     def name(self) -> str:
@@ -208,6 +210,9 @@ CPU = Preset(
                      prompt=32, response=96),
         MonitorShape("small", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, vocab=4096, pairs=4,
                      prompt=32, response=96),
+        # 2 pairs x 256 tokens at GPT-2-small width: where a step's weight gradients dominate.
+        MonitorShape("d768", hidden=768, layers=4, heads=12, kv_heads=4, intermediate=2048, vocab=16000, pairs=2,
+                     prompt=32, response=224, modes=("off", "exact", "exact-autograd", "sketch")),
     ),
     # Calls take 0.01-5 s: the median of three rounds absorbs a slow first call, no separate warm-up.
     rounds=3,

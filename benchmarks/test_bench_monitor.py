@@ -62,8 +62,9 @@ def step(model, batch, mode: str, sketch_dim: int):
     if mode == "off":
         _dpo(preference_logprobs(model, batch)).backward()
         return None
-    if mode in ("exact", "sketch"):
-        with EntanglementMonitor(model, mode=mode, sketch_dim=sketch_dim) as mon:
+    if mode in ("exact", "exact-autograd", "sketch"):
+        kwargs = {"bookkeeping": False} if mode == "exact-autograd" else {}
+        with EntanglementMonitor(model, mode=mode.split("-")[0], sketch_dim=sketch_dim, **kwargs) as mon:
             _dpo(preference_logprobs(model, batch)).backward()
         return mon.stats.cosine
     if mode == "explicit":

@@ -247,7 +247,7 @@ def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
                         f"{x} / {o} working memory", "higher", head)
         elif kind == "monitor":
             off, explicit = impls.get("off"), impls.get("explicit")
-            for mode in ("exact", "sketch"):
+            for mode in ("exact", "exact-autograd", "sketch"):
                 on = impls.get(mode)
                 add(kind, shape, pass_, "time", mode, "off", div(t(on), t(off)), f"{mode} / off step time", "lower",
                     True)

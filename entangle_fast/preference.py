@@ -208,7 +208,9 @@ def logit_transform(model: nn.Module) -> LogitTransform:
                 raise NotImplementedError(
                     f"{type(model).__name__} (model_type {model_type!r}) sets {attr}={value}, and how it enters the "
                     "logits is not known for this model type; the fused log-prob op would compute other log-probs")
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = None
+    for attr in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):  # Gemma*, RecurrentGemma, xLSTM
+        softcap = softcap or getattr(config, attr, None)
     return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
 
 
@@ -238,7 +240,7 @@ def parity_check_enabled() -> bool:
 
 @torch.no_grad()
 def check_logit_parity(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
-                       impl: str = "auto", transform: LogitTransform | None = None) -> float:
+                       impl: str = "auto", transform: LogitTransform | None = None, own_forward=None) -> float:
     """Compare the fused log-probs of the first row (at most :data:`PARITY_POSITIONS` positions) with the model's own
     forward logits (``log_softmax`` + gather), both in eval mode (no dropout), and raise
     :class:`LogitParityError` on a mismatch. Returns the largest difference. Run once per model by
@@ -259,7 +261,8 @@ def check_logit_parity(model: nn.Module, input_ids: Tensor, attention_mask: Tens
         # [n, d], not [1, n, d]: a plain call, outside any monitor's statistics.
         fused = linear_logprobs(hidden, weight, targets[0], bias=bias, impl=impl, transform=transform)[None]
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        own = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, :-1]
+        own = (own_forward or model)(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                     use_cache=False).logits[:, :-1]
     finally:
         for m, mode in training:
             m.training = mode
@@ -299,6 +302,7 @@ def preference_logprobs(
     ches: bool = False,
     token_metrics: bool = False,
     check_parity: bool = True,
+    parity_forward=None,
 ) -> PreferenceLogprobs:
     """Chosen and rejected log-probs of a Hugging Face causal LM: one backbone forward, no logits.
 
@@ -313,6 +317,7 @@ def preference_logprobs(
         check_parity: on the first batch seen for a model, compare the fused log-probs of a few positions with the
             model's own forward (:func:`check_logit_parity`: one extra forward of one row, once per model); also
             switched off by ``ENTANGLE_FAST_CHECK_PARITY=0``.
+        parity_forward: the model's own forward for that probe, where a wrapper has replaced ``model.forward``.
 
     Returns:
         :class:`PreferenceLogprobs`.
@@ -329,7 +334,8 @@ def preference_logprobs(
     weight, bias = output_head(model)
     transform = logit_transform(model)
     if check_parity and parity_check_enabled() and model not in _PARITY_CHECKED:
-        check_logit_parity(model, input_ids, attention_mask, labels, impl=impl, transform=transform)
+        check_logit_parity(model, input_ids, attention_mask, labels, impl=impl, transform=transform,
+                           own_forward=parity_forward)
         _PARITY_CHECKED.add(model)
     hidden = backbone_hidden_states(model, input_ids, attention_mask)
     shifted = labels[:, 1:].contiguous()

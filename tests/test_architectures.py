@@ -100,8 +100,18 @@ def test_monitor_exact_against_per_response_gradients(arch, padding):
     for name, key in (("inner", "inner"), ("chosen_sq_norm", "chosen_sq_norm"),
                       ("rejected_sq_norm", "rejected_sq_norm")):
         assert_exact64(getattr(mon.stats, name), ref[key], rtol=1e-8, name=f"{arch} {name}")
+    # Book-keeping forms the layers' weight gradients itself: equal to autograd's up to summation order, 1e-12
+    # relative. A parameter whose gradient vanishes analytically (a key projection's bias: softmax ignores a shift)
+    # holds rounding noise either way, so each parameter is measured against its module's gradient scale.
+    names = {id(p): n for n, p in model.named_parameters()}
+    module_scale: dict[str, float] = {}
     for p, g in zip(params, plain):
-        assert_exact64(p.grad, g, rtol=1e-12, name=f"{arch} .grad under the monitor")
+        owner = names[id(p)].rsplit(".", 1)[0]
+        module_scale[owner] = max(module_scale.get(owner, 0.0), g.abs().max().item())
+    for p, g in zip(params, plain):
+        scale = module_scale[names[id(p)].rsplit(".", 1)[0]]
+        err = (p.grad - g).abs().max().item()
+        assert err <= 1e-12 * max(scale, 1e-300), f"{arch} {names[id(p)]}: .grad differs by {err:.3e} (scale {scale:.3e})"
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

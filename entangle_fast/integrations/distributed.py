@@ -16,6 +16,7 @@ the monitor failed there) still joins the same single collective with zeros, so 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -221,9 +222,11 @@ def wrapped_preference_logprobs(model: nn.Module, batch: dict, *, impl: str = "a
     missing = object()
     saved = inner.__dict__.get("forward", missing)
 
+    own = saved if saved is not missing else functools.partial(type(inner).forward, inner)
+
     def forward(*args, **kwargs):
         return _pack(preference_logprobs(inner, batch, impl=impl, token_stats=token_stats,
-                                         full_matrices=full_matrices, **options))
+                                         full_matrices=full_matrices, parity_forward=own, **options))
 
     inner.forward = forward
     try:

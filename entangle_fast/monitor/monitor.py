@@ -22,6 +22,8 @@ from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.coverage import UncoveredParametersError, build_coverage
 from entangle_fast.monitor.kinds import CaptureError, Context, Use
+from entangle_fast.monitor.kinds.base import stock_forward
+from entangle_fast.monitor.kinds.linear import BookkeptLinear, bookkeep
 from entangle_fast.monitor.preflight import check_model, warn_if_dropout
 from entangle_fast.monitor.stats import EntanglementStats, classify
 from entangle_fast.token_stats import BackwardRecord, register_stats_listener
@@ -29,6 +31,20 @@ from entangle_fast.token_stats import BackwardRecord, register_stats_listener
 def _in_backward() -> bool:
     """True while an autograd backward runs (activation checkpointing re-runs forwards then)."""
     return torch._C._current_graph_task_id() != -1
+
+
+class _ForwardSwap:
+    """Replace a module's forward by an instance attribute for the duration; ``remove()`` restores it."""
+
+    def __init__(self, module: nn.Module, forward):
+        self.module, self.old = module, vars(module).get("forward")
+        module.forward = partial(forward, module)
+
+    def remove(self) -> None:
+        if self.old is not None:
+            self.module.forward = self.old
+        else:
+            vars(self.module).pop("forward", None)
 
 
 class EntanglementMonitor:
@@ -61,6 +77,14 @@ class EntanglementMonitor:
         exclude: parameters, modules or their names to leave out of the statistics (the explicit opt-out for
             parameters the monitor cannot cover exactly).
         position_attribution: also return ``stats.position_attribution`` ``[B, T, T]`` (exact mode only).
+        bookkeeping: linear layers and Conv1D form their own weight gradients in the monitor, pair by pair, with the
+            statistics from the same partial sums (docs/math.md section 4.2), and autograd does not form them a
+            second time: monitoring then costs about what those weight gradients cost. ``.grad`` then equals the
+            unmonitored step's up to summation order (rounding: float64 agrees to ~1e-15 relative; fp32/bf16 are no
+            further from the float64 gradient than the unmonitored step). ``False`` leaves every gradient to
+            autograd, bit-identical to the unmonitored step, at the price of a second pass over each layer. Applies in
+            exact mode without position attribution or kept factors, to layers whose forward is the stock one and
+            whose parameter is not shared.
         keep_factors: keep every module's packed factors after the step (about the size of the activations) so that
             :meth:`weighted_gradients` and :meth:`gradient_dot` can re-form gradients without a second backward
             (docs/math.md section 6). They are released when the monitor is entered again.
@@ -73,7 +97,8 @@ class EntanglementMonitor:
     """
 
     def __init__(self, model: nn.Module, params=None, mode: str = "exact", sketch_dim: int = 64, seed: int = 0,
-                 exclude=(), position_attribution: bool = False, keep_factors: bool = False):
+                 exclude=(), position_attribution: bool = False, keep_factors: bool = False,
+                 bookkeeping: bool = True):
         if mode not in ("exact", "sketch"):
             raise ValueError(f"mode must be 'exact' or 'sketch', got {mode!r}")
         if mode == "sketch" and position_attribution:
@@ -92,6 +117,8 @@ class EntanglementMonitor:
                     f"position_attribution needs per-position terms, which the generic per-row path does not give; "
                     f"these modules take it: {generic}. Exclude them, or leave position_attribution off.")
         self._sketches: dict[int, object] = {}
+        self.bookkeeping = bool(bookkeeping)
+        self._bookkept = self._bookkept_entries() if self.bookkeeping else set()
         # Parameters of modules on the generic per-row path, checked against autograd's gradient (a shared parameter
         # sums several uses, so only parameters of one module are checked).
         self._row_checked = {id(getattr(e.module, a)) for e in self.coverage.entries if e.kind == "rowwise"
@@ -110,6 +137,9 @@ class EntanglementMonitor:
         warn_if_dropout(self.model)
         self._reset()
         try:
+            for idx in sorted(self._bookkept):
+                self._handles.append(_ForwardSwap(self.coverage.entries[idx].module,
+                                                  partial(self._bookkept_forward, idx)))
             for idx, entry in enumerate(self.coverage.entries):
                 if getattr(entry.reducer, "needs_before", False):
                     self._handles.append(entry.module.register_forward_pre_hook(partial(self._on_before, idx),
@@ -145,6 +175,52 @@ class EntanglementMonitor:
         self._uses.clear()
         self._record = None
         return False
+
+    def _bookkept_entries(self) -> set[int]:
+        """Entries whose weight gradients the monitor forms itself (see ``bookkeeping``)."""
+        if self.mode != "exact" or self.position_attribution or self.keep_factors:
+            return set()
+        out = set()
+        for idx, e in enumerate(self.coverage.entries):
+            module = e.module
+            if e.kind == "linear":
+                stock = stock_forward(module, nn.Linear)
+            elif e.kind == "conv1d":
+                stock = "forward" not in vars(module)  # the reducer claims transformers' own Conv1D class only
+            else:
+                continue
+            trainable = {a for a, p in module._parameters.items() if p is not None and p.requires_grad}
+            if stock and "weight" in e.tracked and set(e.tracked) == trainable \
+                    and len(self.coverage.units[self.coverage.unit_of[idx]]) == 1:
+                out.add(idx)
+        return out
+
+    def _bookkept_forward(self, idx: int, module: nn.Module, x: Tensor) -> Tensor:
+        transpose = self.coverage.entries[idx].kind == "conv1d"
+        if self._replaying or not torch.is_grad_enabled():
+            return type(module).forward(module, x)
+        return BookkeptLinear.apply(x, module.weight, module.bias, partial(self._bookkeep, idx), transpose)
+
+    def _bookkeep(self, idx: int, x: Tensor, gamma: Tensor):
+        """Backward of a book-kept layer: its weight and bias gradients and its per-pair terms, in one pass."""
+        entry = self.coverage.entries[idx]
+        module = entry.module
+        transpose, bias = entry.kind == "conv1d", "bias" in entry.tracked
+        self._backward_seen = True
+        self._done_units.add(self.coverage.unit_of[idx])
+        try:
+            with torch.no_grad():
+                ctx = self._context()
+                rows = ctx.rows or x.shape[0]
+                grad_w, grad_b, terms = bookkeep(module, x, gamma, self._pairs(rows), transpose=transpose, bias=bias,
+                                                 rows=rows, width=ctx.width)
+            self._store(entry.name, terms)
+            return grad_w, grad_b
+        except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem
+            self._fail(f"module {entry.name!r}: {err}", err)
+            g2, x2 = gamma.reshape(-1, gamma.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_w = (x2.T @ g2) if transpose else (g2.T @ x2)
+            return grad_w, (g2.sum(0) if module.bias is not None and module.bias.requires_grad else None)
 
     def _remove_hooks(self) -> None:
         while self._handles:
@@ -198,7 +274,7 @@ class EntanglementMonitor:
             self._replaying = old
 
     def _on_before(self, idx, module, args, kwargs):
-        if self._replaying or (_in_backward() and idx in self._captured):
+        if self._replaying or not torch.is_grad_enabled() or (_in_backward() and idx in self._captured):
             return None
         state = self.coverage.entries[idx].reducer.before(module, args, kwargs, self._context())
         if state is not None:
@@ -207,7 +283,9 @@ class EntanglementMonitor:
 
     def _on_forward(self, idx, module, args, kwargs, output):
         state = self._before.pop(idx, None)
-        if self._replaying:
+        if self._replaying or not torch.is_grad_enabled():
+            # Replays, and forwards without grad (no gradient comes back: evaluation, the parity probe, the first
+            # pass of reentrant checkpointing).
             if state is not None:
                 state.__exit__(None, None, None)
             return None
@@ -219,6 +297,16 @@ class EntanglementMonitor:
             return None
         entry = self.coverage.entries[idx]
         reducer = entry.reducer
+        if idx in self._bookkept:
+            if isinstance(output, Tensor) and output.requires_grad:
+                self._captured.add(idx)
+                self._calls[idx] += 1
+                if self._calls[idx] > 1:
+                    self._fail(f"module {entry.name!r} was called {self._calls[idx]} times in one step; the monitor "
+                               "expects one [2B, T] forward per step (chosen rows, then rejected rows)")
+                self._used.update(id(getattr(module, a)) for a in entry.tracked)
+                self._width = max(self._width, self._width_hint)
+            return None
         if not self._rows_hint and args and isinstance(args[0], Tensor) and args[0].ndim >= 2:
             # No root forward seen (a submodule called directly): the first captured input gives the layout.
             self._rows_hint, self._width_hint = args[0].shape[0], args[0].shape[1]
