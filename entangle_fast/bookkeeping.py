@@ -144,11 +144,18 @@ def _pairs_per_chunk(d_in: int, d_out: int, t_max: int, itemsize: int, chunk_row
     return max(1, chunk_rows // 2)
 
 
+# The PyTorch path forms the per-row gradients of a slice of d_out at a time, of at most this many elements over the
+# chunk's rows (4 MiB in fp32), and reduces each slice while it is still in cache.
+CACHE_ELEMENTS = 1 << 20
+
+
 def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor | None, stats: Tensor,
                    pairs_per_chunk: int) -> None:
     """The pair loop of the PyTorch path: for each chunk of b pairs, ``blocks(rows)`` gives the rows' zero-padded
-    inputs ``([2b, T, d_in], [2b, T, d_out])`` in the compute dtype (chosen rows first, then rejected); one bmm forms
-    their gradients, three batched dots the statistics, one matrix-vector product folds them into ``gw``."""
+    inputs ``([2b, T, d_in], [2b, T, d_out])`` in the compute dtype (chosen rows first, then rejected). Per slice of
+    d_out, one bmm forms the rows' gradients ``[2b, s, d_in]``; one Gram product of the flattened slices gives every
+    dot product the statistics need, one matrix-vector product folds the rows into ``gw``: two passes over a slice
+    that is still in cache, instead of one pass per statistic over the whole ``[2b, d_out, d_in]``."""
     n_pairs = pairs.shape[0]
     d_out, d_in = gw.shape
     for c0 in range(0, n_pairs, pairs_per_chunk):
@@ -156,20 +163,24 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
         b = c1 - c0
         rows = torch.cat([pairs[c0:c1, 0], pairs[c0:c1, 1]])
         x, g = blocks(rows)
-        grads = torch.bmm(g.transpose(1, 2), x)  # [2b, d_out, d_in]: the only live per-row gradients
-        flat = grads.view(2 * b, 1, d_out * d_in)
-        gw_, gl_ = flat[:b], flat[b:]
-        # Batched [1, D] x [D, 1] products: the dots of matching rows, no [b, D] temporaries.
-        stats[0, c0:c1] = torch.bmm(gw_, gl_.transpose(1, 2)).view(b)
-        stats[1, c0:c1] = torch.bmm(gw_, gw_.transpose(1, 2)).view(b)
-        stats[2, c0:c1] = torch.bmm(gl_, gl_.transpose(1, 2)).view(b)
         weights = torch.cat([fold[c0:c1, 0], fold[c0:c1, 1]]).to(gw.dtype)
-        gw.add_((weights @ flat.view(2 * b, -1)).view(d_out, d_in))
+        gt = g.transpose(1, 2)
+        step = max(1, CACHE_ELEMENTS // max(2 * b * d_in, 1))
+        idx = torch.arange(b, device=gw.device)
+        for o0 in range(0, d_out, step):
+            o1 = min(o0 + step, d_out)
+            flat = torch.bmm(gt[:, o0:o1], x).view(2 * b, -1)  # the only live per-row gradients
+            gram = flat @ flat.T
+            stats[0, c0:c1] += gram[idx, b + idx]
+            stats[1, c0:c1] += gram[idx, idx]
+            stats[2, c0:c1] += gram[b + idx, b + idx]
+            gw[o0:o1] += (weights @ flat).view(o1 - o0, d_in)
         if gb is not None:
             sums = g.sum(dim=1)  # [2b, d_out] per-row bias gradients
-            stats[0, c0:c1] += (sums[:b] * sums[b:]).sum(dim=1)
-            stats[1, c0:c1] += (sums[:b] * sums[:b]).sum(dim=1)
-            stats[2, c0:c1] += (sums[b:] * sums[b:]).sum(dim=1)
+            gram = sums @ sums.T
+            stats[0, c0:c1] += gram[idx, b + idx]
+            stats[1, c0:c1] += gram[idx, idx]
+            stats[2, c0:c1] += gram[b + idx, b + idx]
             gb.add_(weights @ sums)
 
 
@@ -242,6 +253,8 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     stats = torch.zeros(3, pairs.shape[0], dtype=cdt, device=device)
 
     def blocks(rows: Tensor):
+        if rows.shape[0] == n_rows and bool((rows == torch.arange(n_rows, device=rows.device)).all()):
+            return a.to(cdt), gamma.to(cdt)  # every row in order (the default layout): no gather
         return a.index_select(0, rows).to(cdt), gamma.index_select(0, rows).to(cdt)
 
     per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)

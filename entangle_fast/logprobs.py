@@ -28,8 +28,10 @@ from entangle_fast.token_stats import (
     BackwardRecord,
     OutputLayerTokenStats,
     PairLayout,
+    PairSums,
     TokenStatsHandle,
     active_listeners,
+    listeners_need_matrices,
     finalize_token_stats,
     resolve_pairs,
 )
@@ -237,7 +239,7 @@ def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None)
 def fused_backward(
     impl, hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
     need_weight_grad: bool, need_bias_grad: bool, layout: PairLayout | None,
-    transform: LogitTransform | None = None,
+    transform: LogitTransform | None = None, sums: PairSums | None = None,
 ):
     """One pass of the fused backward over the whole vocabulary, ``lse`` being that of ``z = transform(l)``.
 
@@ -250,7 +252,15 @@ def fused_backward(
     fp32 buffer of at most GRAD_WEIGHT_CHUNK_ELEMENTS, rounded into the output after each chunk, rather than into a
     [V, d] fp32 copy of the gradient (2 GiB at V = 128256, d = 4096). The PyTorch path completes each vocabulary
     tile over all rows before adding it, so it writes any dtype directly.
+
+    With ``sums`` (book-keeping, docs/math.md section 4.2) the weight and bias gradients of each vocabulary chunk are
+    formed row by row from the chunk's deltas (:func:`entangle_fast.bookkeeping.pair_weight_grad_dense`) and the
+    pairs' inner products and squared norms come from the same partial sums: about 3 V d per pair instead of the
+    token matrices' 3 T_w T_l V.
     """
+    if sums is not None:
+        return _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
+                                    need_bias_grad=need_bias_grad, transform=transform, sums=sums)
     _, bwd = _backend_fns(impl)
     scale, softcap = transform_args(transform)
     n, v = hidden.shape[0], weight.shape[0]
@@ -284,6 +294,38 @@ def fused_backward(
     return r, gw, gb
 
 
+def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *, need_bias_grad,
+                         transform, sums: PairSums):
+    """:func:`fused_backward` with book-kept head gradients: per vocabulary chunk the backward contract writes the deltas
+    f'(l) (e_y - p) and r, and the chunk's weight-gradient tile is summed row by row, the pair sums beside it."""
+    from entangle_fast.bookkeeping import pair_weight_grad_dense
+
+    _, bwd = _backend_fns(impl)
+    scale, softcap = transform_args(transform)
+    n, v, d = hidden.shape[0], weight.shape[0], hidden.shape[1]
+    cdt = _compute_dtype(hidden.dtype)
+    r = torch.zeros(n, d, dtype=cdt, device=hidden.device)
+    gw = torch.empty(v, d, dtype=weight.dtype, device=hidden.device)
+    gb = torch.empty(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
+    chunks = _vocab_chunks(n, v, True, None)
+    buf = torch.empty(n * max(c1 - c0 for c0, c1 in chunks), dtype=cdt, device=hidden.device)
+    rows = hidden.view(sums.rows, sums.width, d)
+    g = grad_logprobs.to(cdt)[:, None]
+    for v0, v1 in chunks:
+        delta = buf[: n * (v1 - v0)].view(n, v1 - v0)
+        bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
+            grad_hidden_unscaled=r, grad_weight=None, grad_bias=None, vocab_start=v0, vocab_end=v1,
+            probs_out=None, scale=scale, softcap=softcap, delta_out=delta)
+        delta.mul_(g)  # loss units: the head gradient's factor at each token
+        res = pair_weight_grad_dense(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.pairs,
+                                     bias=need_bias_grad, out_dtype=weight.dtype, impl=impl)
+        gw[v0:v1] = res.grad_weight
+        if gb is not None:
+            gb[v0:v1] = res.grad_bias
+        sums.add(res.inner, res.chosen, res.rejected)
+    return r, gw, gb
+
+
 @dataclass
 class TokenMetrics:
     """Per-token metrics of softmax(z), z = f(h W^T + b), from the forward's own walk over the vocabulary.
@@ -304,11 +346,13 @@ class TokenMetrics:
 
 
 class _StatsRequest:
-    """What the forward needs to remember for the statistics of the backward."""
+    """What the forward needs to remember for the statistics of the backward. ``sums_only``: no caller needs the
+    token matrices (a monitor without position attribution), so the backward forms the pair sums by book-keeping."""
 
-    def __init__(self, labels_2d, pairs, ignore_index, full_matrices, handle, listeners):
+    def __init__(self, labels_2d, pairs, ignore_index, full_matrices, handle, listeners, sums_only=False):
         self.labels_2d, self.pairs, self.ignore_index = labels_2d, pairs, ignore_index
         self.full_matrices, self.handle, self.listeners = full_matrices, handle, listeners
+        self.sums_only = sums_only
 
 
 class LinearLogprobFunction(torch.autograd.Function):
@@ -333,17 +377,21 @@ class LinearLogprobFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         req: _StatsRequest | None = ctx.stats_request
         transform = ctx.transform or IDENTITY
-        g = grad_logprobs.to(_compute_dtype(hidden.dtype)).contiguous()
-        layout = None
-        if req is not None:
-            layout = PairLayout(req.labels_2d, req.pairs, req.ignore_index, _compute_dtype(hidden.dtype), transform)
+        cdt = _compute_dtype(hidden.dtype)
+        g = grad_logprobs.to(cdt).contiguous()
+        layout = sums = None
+        if req is not None and req.sums_only and ctx.needs_input_grad[1]:
+            sums = PairSums(req.labels_2d, req.pairs, req.ignore_index, cdt)
+        elif req is not None:
+            layout = PairLayout(req.labels_2d, req.pairs, req.ignore_index, cdt, transform)
         r, gw, gb = fused_backward(
             ctx.impl, hidden, weight, labels, bias, lse, g, ctx.ignore_index,
             need_weight_grad=ctx.needs_input_grad[1], need_bias_grad=bias is not None and ctx.needs_input_grad[2],
-            layout=layout, transform=transform,
+            layout=layout, transform=transform, sums=sums,
         )
         if req is not None:
-            stats = finalize_token_stats(layout, hidden, weight, bias, labels, lse, r, g, req.full_matrices)
+            stats = sums.finalize(g) if sums is not None else \
+                finalize_token_stats(layout, hidden, weight, bias, labels, lse, r, g, req.full_matrices)
             if req.handle is not None:
                 req.handle._stats = stats
             for listener in req.listeners:
@@ -460,7 +508,8 @@ def linear_logprobs(
         if hidden.ndim != 3:
             raise ValueError(f"token_stats needs hidden of shape [R, T, d] (rows of sequences); got {tuple(hidden.shape)}")
         request = _StatsRequest(labels, resolve_pairs(pairs, hidden.shape[0], hidden.device), ignore_index,
-                                full_matrices, handle, listeners)
+                                full_matrices, handle, listeners,
+                                sums_only=not token_stats and not listeners_need_matrices())
     elif pairs is not None:
         raise ValueError("pairs= only matters with token_stats=True")
     lead = hidden.shape[:-1]

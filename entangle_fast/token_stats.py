@@ -18,6 +18,7 @@ backward then hands :class:`PairLayout` the delta chunks themselves and accumula
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -52,6 +53,9 @@ class OutputLayerTokenStats:
         uniform_upstream: ``[P]`` bool, every response token of both rows received the same upstream gradient (a loss
             linear in the summed or averaged log-prob). When False, a_w/a_l are means of unequal token weights.
         chosen_matrix / rejected_matrix: ``[P, T_w, T_w]`` / ``[P, T_l, T_l]`` within-response K, when asked for.
+
+    From a sums-only request (:class:`PairSums`: a monitor without position attribution) the positions and matrices
+    are None; the sums, lengths and coefficients are set.
     """
 
     pairs: Tensor
@@ -302,24 +306,84 @@ class TokenStatsHandle:
         return self._stats
 
 
-_LISTENERS: list[Callable[[BackwardRecord], None]] = []
+# The statistics requests of the monitors whose ``with`` blocks are active in this context: a fused log-prob call reads
+# them in its forward, so calls outside every monitor pay nothing and two monitors in separate contexts never see
+# each other's heads.
+_LISTENERS: ContextVar[tuple] = ContextVar("entangle_fast_stats_listeners", default=())
 
 
 class _ListenerHandle:
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, token_matrices: bool):
+        self.entry = (fn, token_matrices)
+        self.token = _LISTENERS.set(_LISTENERS.get() + (self.entry,))
 
     def remove(self) -> None:
-        if self.fn in _LISTENERS:
-            _LISTENERS.remove(self.fn)
+        try:
+            _LISTENERS.reset(self.token)
+        except ValueError:  # removed from another context, or out of order: drop this entry alone
+            _LISTENERS.set(tuple(e for e in _LISTENERS.get() if e is not self.entry))
 
 
-def register_stats_listener(fn: Callable[[BackwardRecord], None]) -> _ListenerHandle:
-    """Ask every fused log-prob op on ``[R, T, d]`` inputs to compute its pair statistics in the backward and call
-    ``fn(record)`` with a :class:`BackwardRecord`. Returns a handle whose ``remove()`` unregisters ``fn``."""
-    _LISTENERS.append(fn)
-    return _ListenerHandle(fn)
+def register_stats_listener(fn: Callable[[BackwardRecord], None], *, token_matrices: bool = True) -> _ListenerHandle:
+    """Ask the fused log-prob ops on ``[R, T, d]`` inputs run in this context (until ``remove()``) to compute their pair
+    statistics in the backward and call ``fn(record)`` with a :class:`BackwardRecord`.
+
+    ``token_matrices=False``: the listener needs the per-pair sums only (inner product and squared norms), which the
+    backward then forms from the per-row head weight-gradient tiles (book-keeping, ~3 V d per pair) instead of the
+    token matrices (~3 T_w T_l V per pair); ``record.stats`` then has no matrices."""
+    return _ListenerHandle(fn, token_matrices)
 
 
 def active_listeners() -> list[Callable[[BackwardRecord], None]]:
-    return list(_LISTENERS)
+    return [fn for fn, _ in _LISTENERS.get()]
+
+
+def listeners_need_matrices() -> bool:
+    return any(matrices for _, matrices in _LISTENERS.get())
+
+
+def upstream_coefficients(row_tokens: list[Tensor], grad_logprobs: Tensor, pairs: Tensor, dtype: torch.dtype):
+    """``(a_w, a_l, uniform)`` ``[P]``: the mean upstream gradient over each row's response tokens (NaN for an empty
+    row), and whether every response token of both rows received the same one."""
+    num = pairs.shape[0]
+    a_w = torch.full((num,), float("nan"), dtype=dtype, device=grad_logprobs.device)
+    a_l = a_w.clone()
+    uniform = torch.ones(num, dtype=torch.bool, device=grad_logprobs.device)
+    for i, (w, l) in enumerate(pairs.tolist()):
+        gw, gl = grad_logprobs[row_tokens[w]].to(dtype), grad_logprobs[row_tokens[l]].to(dtype)
+        if gw.numel():
+            a_w[i] = gw.mean()
+        if gl.numel():
+            a_l[i] = gl.mean()
+        uniform[i] = bool((gw == gw[:1]).all() and (gl == gl[:1]).all())
+    return a_w, a_l, uniform
+
+
+class PairSums:
+    """Sums-only statistics of the fused backward (``register_stats_listener(..., token_matrices=False)``): per pair,
+    the inner product and squared norms of the rows' head gradients, accumulated in loss units over vocabulary tiles
+    from the per-row weight-gradient tiles (:func:`entangle_fast.bookkeeping.pair_weight_grad_dense`)."""
+
+    def __init__(self, labels: Tensor, pairs: Tensor, ignore_index: int, compute_dtype: torch.dtype):
+        self.rows, self.width = labels.shape
+        self.pairs, self.ignore_index = pairs, ignore_index
+        self.labels = labels
+        self.values = torch.zeros(3, pairs.shape[0], dtype=compute_dtype, device=labels.device)
+
+    def add(self, inner: Tensor, chosen: Tensor, rejected: Tensor) -> None:
+        self.values += torch.stack([inner, chosen, rejected]).to(self.values.dtype)
+
+    def finalize(self, grad_logprobs: Tensor) -> OutputLayerTokenStats:
+        """Log-prob units (divided by a_w a_l, a_w^2, a_l^2), as :class:`OutputLayerTokenStats` without matrices."""
+        valid = self.labels != self.ignore_index
+        positions = [torch.nonzero(valid[r]).flatten() for r in range(self.rows)]
+        tokens = [r * self.width + p for r, p in enumerate(positions)]
+        cdt = self.values.dtype
+        a_w, a_l, uniform = upstream_coefficients(tokens, grad_logprobs, self.pairs, cdt)
+        inner, nw, nl = self.values[0] / (a_w * a_l), self.values[1] / (a_w * a_w), self.values[2] / (a_l * a_l)
+        lengths = torch.tensor([len(p) for p in positions], dtype=torch.long, device=self.labels.device)
+        w, l = self.pairs[:, 0], self.pairs[:, 1]
+        return OutputLayerTokenStats(
+            pairs=self.pairs, chosen_positions=None, rejected_positions=None, chosen_lengths=lengths[w],
+            rejected_lengths=lengths[l], token_matrix=None, hidden_gram=None, inner=inner, chosen_sq_norm=nw,
+            rejected_sq_norm=nl, cosine=inner / torch.sqrt(nw * nl), a_w=a_w, a_l=a_l, uniform_upstream=uniform)

@@ -155,7 +155,7 @@ class EntanglementMonitor:
                     roots[id(candidate)] = candidate
             for root in roots.values():
                 self._handles.append(root.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
-            self._handles.append(register_stats_listener(self._on_record))
+            self._handles.append(register_stats_listener(self._on_record, token_matrices=self.position_attribution or not self.bookkeeping))
         except BaseException:
             self._remove_hooks()
             raise
@@ -678,7 +678,7 @@ class EntanglementMonitor:
         a_w, a_l, uniform = self._coefficients(pairs)
         if uniform is not None and not bool(uniform.all()):
             warnings.warn("the loss weights the response tokens of a row unequally: the monitor's statistics are "
-                          "those of the token-weighted log-prob sums (the fused head's of the plain sums)",
+                          "those of the token-weighted log-prob sums (with position_attribution the fused head's are of the plain sums)",
                           stacklevel=3)
         den = {"inner": a_w * a_l, "chosen": a_w * a_w, "rejected": a_l * a_l}
         nan = torch.tensor(float("nan"), dtype=a_w.dtype, device=a_w.device)
