@@ -414,3 +414,25 @@ def test_plain_pytorch_example_runs():
     # With SGD the first-order prediction has the sign of the actual change (the batch's cross terms are small here).
     assert all(h["entangle/predicted_delta_chosen"] * h["actual_delta_chosen"] > 0 for h in history)
     assert len(active_listeners()) == before
+
+
+@requires_trl
+def test_trl_empty_response_pairs_are_skipped_and_counted():
+    """A pair whose chosen response lost every token (truncation) is left out of the step, counted and warned once."""
+    from entangle_fast.integrations.trl import EntangledDPOTrainer
+
+    trainer = dpo_trainer(EntangledDPOTrainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    b = batch["input_ids"].shape[0] // 2
+    kept_rows = [r for r in range(2 * b) if r not in (0, b)]
+    without = {k: (v[kept_rows] if isinstance(v, torch.Tensor) and v.shape[:1] == (2 * b,) else v)
+               for k, v in batch.items()}
+    want = trainer.compute_loss(trainer.model, without).detach()
+    emptied = dict(batch)
+    emptied["completion_mask"] = batch["completion_mask"].clone()
+    emptied["completion_mask"][0] = 0
+    with pytest.warns(UserWarning, match=r"pairs \[0\] of a batch of 3 have an empty"):
+        got = trainer.compute_loss(trainer.model, emptied).detach()
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+    assert trainer._metrics["train"]["entangle/skipped_empty_pairs"][-1] == 1.0

@@ -221,6 +221,12 @@ class EntangledDPOTrainer(_StockDPOTrainer):
             input_ids, attention_mask, completion_mask = self._truncate_inputs(input_ids, attention_mask,
                                                                                completion_mask)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        batch, inputs = self._drop_empty_pairs(batch, inputs, mode)
+        if batch is None:  # every pair of the batch had an empty response
+            zero = torch.zeros((), device=input_ids.device, requires_grad=True)
+            return (zero, None) if return_outputs else zero
+        input_ids, attention_mask, completion_mask = batch["input_ids"], batch["attention_mask"], batch[
+            "completion_mask"]
 
         options = {"ches": self._entangle_due and mode == "train"}
         if HAS_TOKEN_METRICS:
@@ -270,6 +276,35 @@ class EntangledDPOTrainer(_StockDPOTrainer):
                 outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return loss, outputs
         return loss
+
+    def _drop_empty_pairs(self, batch: dict, inputs: dict, mode: str):
+        """Pairs whose chosen or rejected response has no scored token (truncation can remove a whole response) would
+        train on an empty sum and give NaN statistics: they are left out of the step, counted in
+        ``entangle/skipped_empty_pairs`` (the running total), and named once in a warning. Returns the kept
+        ``(batch, inputs)``, or ``(None, inputs)`` when no pair is left."""
+        labels = batch_labels(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        b = labels.shape[0] // 2
+        empty = (labels == -100).all(-1)
+        empty = empty[:b] | empty[b:]
+        if not bool(empty.any()):
+            return batch, inputs
+        self._entangle_skipped = getattr(self, "_entangle_skipped", 0) + int(empty.sum())
+        self._metrics[mode][f"{self.entangle.prefix}skipped_empty_pairs"].append(float(self._entangle_skipped))
+        if not getattr(self, "_entangle_warned_empty", False):
+            self._entangle_warned_empty = True
+            warnings.warn(f"pairs {torch.nonzero(empty).flatten().tolist()} of a batch of {b} have an empty chosen or "
+                          "rejected response (every label masked, e.g. by truncation): they are left out of the step "
+                          "and counted in entangle/skipped_empty_pairs (warned once)", stacklevel=3)
+        keep = torch.nonzero(~empty).flatten()
+        if keep.numel() == 0:
+            return None, inputs
+        rows = torch.cat([keep, keep + b])
+        batch = {k: v[rows] for k, v in batch.items()}
+        inputs = dict(inputs)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in inputs:
+                inputs[key] = inputs[key][keep.to(inputs[key].device)]
+        return batch, inputs
 
     def _trl_hyper(self, name: str):
         """The value TRL's loss code reads for DPOConfig field ``name`` (the trainer's copy where TRL keeps one)."""
