@@ -123,3 +123,21 @@ def test_profile_token_matrix_against_per_token_loop(arch):
     want = per_token_matrix_baseline(model, batch)
     got = per_token_matrix(model, batch)
     assert_exact64(got.matrix, want, rtol=1e-8, name=f"{arch} K")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_position_attribution_with_per_head_norms(arch):
+    """q/k norms see [rows, positions, heads, d] (Qwen3) or [rows, heads, positions, d] (Gemma 3): their items land on
+    their own positions, so the attribution sums to I and is zero on left padding."""
+    model, batch = tiny_arch(arch), make_batch("left")
+    with EntanglementMonitor(model, position_attribution=True) as mon:
+        fused_step(model, batch)
+    stats = mon.stats
+    assert_exact64(stats.position_attribution.sum((1, 2)), stats.inner, rtol=1e-8, name=f"{arch} attribution total")
+    b = stats.inner.shape[0]
+    mask = batch["attention_mask"].bool()
+    width = stats.position_attribution.shape[1]
+    for i in range(b):
+        pad_w, pad_l = ~mask[i, :width], ~mask[b + i, :width]
+        att = stats.position_attribution[i]
+        assert att[pad_w].abs().sum() == 0 and att[:, pad_l].abs().sum() == 0, f"{arch}: attribution on padding"

@@ -47,13 +47,23 @@ class PositionwiseReducer(Reducer):
             raise CaptureError(f"input {tuple(x.shape)} and output {tuple(output.shape)} do not match position by "
                                "position")
         rows = as_rows(x.detach(), ctx.rows, ctx.width)
-        positions = x.shape[1] if x.shape[0] == ctx.rows and x.ndim >= 3 else max(ctx.width, 1)
-        return Use(rows, (output,), info={"per_position": max(1, rows.shape[1] // positions)})
+        # Items per row are flattened in the input's order; the position of item i is i // heads when positions come
+        # first ([R, T, heads, d]) and i % T when heads do ([R, heads, T, d], Gemma 3's q/k norms).
+        layout = (1, 1)
+        if x.shape[0] == ctx.rows and x.ndim == 4:
+            layout = (x.shape[2], 1) if x.shape[1] == ctx.width or x.shape[2] != ctx.width else (1, x.shape[2])
+        elif x.shape[0] == ctx.rows and x.ndim > 4:
+            raise CaptureError(f"a position-wise input of shape {tuple(x.shape)} has more than one axis between the "
+                               "rows and the features besides the positions")
+        return Use(rows, (output,), info={"layout": layout})
 
     def pack(self, use: Use, gamma, cdt) -> R.Tokens:
         tok = R.pack(gamma, a=use.x)  # the module's own dtypes: the vjp repeats its arithmetic
-        if use.info["per_position"] > 1:  # several items (heads) at each position
-            tok.positions = tok.positions // use.info["per_position"]
+        per, modulo = use.info["layout"]
+        if per > 1:  # [R, T, heads, d]: several items at each position
+            tok.positions = tok.positions // per
+        elif modulo > 1:  # [R, heads, T, d]
+            tok.positions = tok.positions % modulo
         return tok
 
     def terms(self, module, tracked, use, pairs, ctx):
