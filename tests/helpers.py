@@ -28,6 +28,15 @@ def backends():
 
 
 
+def left_padded(batch: dict) -> dict:
+    """The rows of a right-padded batch rolled so that their padding comes first (in place; returned)."""
+    for r in range(batch["input_ids"].shape[0]):
+        shift = int((batch["attention_mask"][r] == 0).sum())
+        for key in batch:
+            batch[key][r] = torch.roll(batch[key][r], shift)
+    return batch
+
+
 def assert_close_to_reference(actual, expected64, torch_lowp, *, factor: float = 2.0, margin: float = 1e-6, name="value"):
     """Assert ``|actual - expected64| <= factor * |torch_lowp - expected64| + margin`` in the max norm.
 

@@ -23,7 +23,7 @@ from entangle_fast import EntanglementMonitor, preference_logprobs
 from entangle_fast.models import BUILTIN_PAIRS, build_tokenizer, encode_pairs
 from entangle_fast.profile import per_token_matrix, per_token_matrix_baseline
 from entangle_fast.reference import entanglement_reference, flat_gradients_reference
-from helpers import assert_exact64
+from helpers import assert_exact64, left_padded
 
 ALL_ARCHS = ARCHS + EXTRA_ARCHS
 COEF = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)  # unequal per-pair weights
@@ -33,12 +33,7 @@ BETA = 0.1
 def make_batch(padding: str, pairs=BUILTIN_PAIRS) -> dict:
     """``[2B, T]`` rows (chosen rows, then rejected rows), padded on the right or on the left."""
     batch = encode_pairs(build_tokenizer(), pairs)
-    if padding == "left":
-        for r in range(batch["input_ids"].shape[0]):
-            shift = int((batch["attention_mask"][r] == 0).sum())
-            for key in batch:
-                batch[key][r] = torch.roll(batch[key][r], shift)
-    return batch
+    return left_padded(batch) if padding == "left" else batch
 
 
 def logits_sequence_logps(model, batch) -> torch.Tensor:

@@ -20,7 +20,7 @@ from entangle_fast.models import BUILTIN_PAIRS, TinyConfig, build_tokenizer, enc
 from entangle_fast.monitor import EntanglementMonitor, UncoveredParametersError
 from entangle_fast.token_stats import active_listeners
 from entangle_fast.reference import entanglement_reference, flat_gradients_reference
-from helpers import assert_exact64
+from helpers import assert_exact64, left_padded
 
 TINY = TinyConfig(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=24)
 COEF = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)  # unequal per-pair weights: a_w, a_l differ per pair
@@ -33,12 +33,7 @@ def make_model(arch: str, seed: int = 0) -> nn.Module:
 
 def make_batch(padding: str = "right", pairs=BUILTIN_PAIRS) -> dict:
     batch = encode_pairs(build_tokenizer(), pairs)
-    if padding == "left":
-        for r in range(batch["input_ids"].shape[0]):
-            shift = int((batch["attention_mask"][r] == 0).sum())
-            for key in batch:
-                batch[key][r] = torch.roll(batch[key][r], shift)
-    return batch
+    return left_padded(batch) if padding == "left" else batch
 
 
 def sequence_logps(model, batch, path: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from entangle_fast.profile import (
 )
 from entangle_fast.reference import flat_gradients_reference, sequence_logprobs_reference
 from entangle_fast.report import RECORD_FIELDS, check_record, read_records
-from helpers import assert_exact64
+from helpers import assert_exact64, left_padded
 
 TINY = TinyConfig(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=24)
 
@@ -44,12 +44,7 @@ def pair_batch(index: int = 2, padding: str = "right") -> dict:
     full = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
     b = len(BUILTIN_PAIRS)
     batch = {k: v[[index, b + index]].clone() for k, v in full.items()}
-    if padding == "left":
-        for r in range(2):
-            shift = int((batch["attention_mask"][r] == 0).sum())
-            for key in batch:
-                batch[key][r] = torch.roll(batch[key][r], shift)
-    return batch
+    return left_padded(batch) if padding == "left" else batch
 
 
 def reference_matrix(model, batch) -> torch.Tensor:

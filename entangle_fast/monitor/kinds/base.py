@@ -89,19 +89,6 @@ def row_slice(t: Tensor, r: int, rows: int, width: int) -> Tensor:
     return t
 
 
-def output_tensors(output) -> tuple[Tensor, ...]:
-    """The floating tensors of a module's output that carry gradient (a tensor, a tuple/list, or a mapping)."""
-    if isinstance(output, Tensor):
-        items = [output]
-    elif isinstance(output, (tuple, list)):
-        items = list(output)
-    elif isinstance(output, dict) or hasattr(output, "values"):
-        items = list(output.values())
-    else:
-        items = []
-    return tuple(t for t in items if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad)
-
-
 def stock_forward(module: nn.Module, base: type) -> bool:
     return type(module).forward is base.forward and "forward" not in vars(module)
 

@@ -23,7 +23,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from entangle_fast.monitor import reductions as R
-from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, output_tensors, row_slice
+from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, row_slice
 
 # Row-mixing module classes, refused with the reason.
 ROW_MIXING: dict[type, str] = {
