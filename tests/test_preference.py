@@ -122,8 +122,24 @@ def test_bad_batches(mutate, exc, match, tokenizer):
         preference_logprobs(model, mutate(encode_pairs(tokenizer, BUILTIN_PAIRS)))
 
 
-def test_softcapped_heads_are_refused(tokenizer):
+def test_logits_the_forward_does_not_produce_are_refused(tokenizer, monkeypatch):
+    """A config that names a soft-cap the model's forward never applies: the parity probe on the first batch refuses it
+    (the fused op would apply the cap); switched off, the fused log-probs are those of the capped logits."""
+    from entangle_fast.preference import LogitParityError
+
+    batch = encode_pairs(tokenizer, BUILTIN_PAIRS)
     model = model_for("llama", tokenizer, dtype=torch.float32)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
-        preference_logprobs(model, encode_pairs(tokenizer, BUILTIN_PAIRS))
+    model.config.final_logit_softcapping = 0.01  # the tiny model's logits are O(0.1): a cap that bites
+    with pytest.raises(LogitParityError, match=r"LlamaForCausalLM.*softcap=0.01"):
+        preference_logprobs(model, batch)
+    monkeypatch.setenv("ENTANGLE_FAST_CHECK_PARITY", "0")
+    capped = preference_logprobs(model, batch)
+    monkeypatch.delenv("ENTANGLE_FAST_CHECK_PARITY")
+    assert torch.equal(capped.chosen_logps, preference_logprobs(model, batch, check_parity=False).chosen_logps)
+
+    model.config.final_logit_softcapping = None
+    assert torch.isfinite(preference_logprobs(model, batch).chosen_logps).all()  # now the probe passes
+
+    model.config.logits_scaling = 2.0  # a scaling whose direction is unknown for this model type
+    with pytest.raises(NotImplementedError, match="logits_scaling=2.0"):
+        preference_logprobs(model, batch)
