@@ -1,16 +1,39 @@
-"""The one place where ``impl="auto"|"triton"|"cuda"|"torch"`` is resolved to a backend.
+"""The one place where a backend is chosen: ``impl="auto"|"triton"|"cuda"|"torch"`` -> a name -> a launcher.
 
-Callers pass the user's ``impl`` string and the device of their inputs; nothing else in the package branches on
-backends. ``"auto"`` picks Triton on CUDA devices when Triton imports, and the chunked PyTorch path otherwise (CPU,
-or a CUDA machine without Triton). ``TRITON_INTERPRET=1`` lets the Triton backend run on CPU tensors (tests).
+Callers pass the user's ``impl`` string and the device and dtype of their inputs to :func:`resolve_impl`, then ask
+:func:`launcher` for the function of their op on that backend; nothing else in the package branches on backends.
+``"auto"`` picks Triton on CUDA devices when Triton imports, and the chunked PyTorch path otherwise (CPU, or a CUDA
+machine without Triton). ``TRITON_INTERPRET=1`` lets the Triton backend run on CPU tensors (tests).
+
+The launcher table maps ``(op, impl)`` to ``"module:function"``; each op's public module registers its row with
+:func:`register` (its PyTorch path under ``entangle_fast/_torch/``, its Triton launcher under ``kernels/``, its CUDA
+C++ launcher in ``entangle_fast/_cuda.py``). Modules are imported on first use, so importing the package never needs
+Triton or CUDA. Every launcher of one op shares one contract, checked in ``entangle_fast/_contract.py``.
+
+Ops: ``logprob_fwd``/``logprob_bwd`` (``entangle_fast.logprobs``), ``ghost_gram_fwd`` (``entangle_fast.ghost``),
+``pair_wgrad`` (``entangle_fast.bookkeeping``).
 """
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Callable
 
 import torch
 
 IMPLS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every op for inputs of ``dtype``: float64 for float64 (the reference precision),
+    float32 for float32, bfloat16 and float16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``), read at each call."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
@@ -18,11 +41,6 @@ def triton_available() -> bool:
     from entangle_fast import kernels
 
     return kernels.HAS_TRITON
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -44,7 +62,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     if impl == "triton":
         if not triton_available():
             raise RuntimeError("impl='triton' needs the `triton` package, which is not importable here")
-        if not on_cuda and not triton_interpreting():
+        if not on_cuda and not interpreting():
             raise RuntimeError(
                 f"impl='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
                 "kernels on CPU through the Triton interpreter (slow, for tests)"
@@ -60,3 +78,43 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
             raise RuntimeError(f"impl='cuda' cannot run here: {reason}")
         return "cuda"
     return "torch"
+
+
+# (op, backend) -> "module:function", filled by register(); the functions, once imported.
+_TABLE: dict[tuple[str, str], str] = {}
+_LOADED: dict[tuple[str, str], Callable] = {}
+# The public modules that register their ops, imported by launcher() when asked for an op not yet registered.
+OP_MODULES = ("entangle_fast.logprobs", "entangle_fast.ghost", "entangle_fast.bookkeeping")
+
+
+def register(op: str, *, torch: str, triton: str, cuda: str) -> None:
+    """Record where ``op``'s launcher lives on each backend, as ``"module:function"`` (imported on first use)."""
+    for backend, target in (("torch", torch), ("triton", triton), ("cuda", cuda)):
+        module, sep, name = target.partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"{op} on {backend}: expected 'module:function', got {target!r}")
+        _TABLE[(op, backend)] = target
+
+
+def launcher(op: str, backend: str) -> Callable:
+    """The launcher of ``op`` on a resolved ``backend`` (a :func:`resolve_impl` result), importing its module on first
+    use.
+
+    Raises:
+        KeyError: ``op`` was never registered or ``backend`` is not one of ``BACKENDS``, naming what is.
+    """
+    key = (op, backend)
+    fn = _LOADED.get(key)
+    if fn is not None:
+        return fn
+    if key not in _TABLE:
+        for module in OP_MODULES:
+            importlib.import_module(module)
+    if key not in _TABLE:
+        ops = sorted({o for o, _ in _TABLE})
+        raise KeyError(f"no launcher for op {op!r} on backend {backend!r}; registered ops: {ops}, "
+                       f"backends: {BACKENDS}")
+    module, _, name = _TABLE[key].partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    _LOADED[key] = fn
+    return fn

@@ -1,14 +1,18 @@
 """Argument checks of the device-launcher contracts, shared by every backend's launchers.
 
-The Triton launchers (``kernels/logprob.py``) and the CUDA C++ ones (``entangle_fast/_cuda.py``) promise the same
-contract; they validate it here, so the two cannot drift. Each check raises ValueError naming the argument.
-Backend-specific placement rules (CPU tensors under the Triton interpreter, CUDA tensors for ``impl="cuda"``) stay with
-the launchers.
+The Triton launchers (``kernels/``) and the CUDA C++ ones (``entangle_fast/_cuda.py``) promise the same contracts as
+the PyTorch paths (``entangle_fast/_torch/``); the device launchers validate them here, so the backends cannot drift:
+``logprob_fwd``/``logprob_bwd`` (:func:`check_logprob_inputs`, :func:`check_logprob_bwd_buffers`), ``ghost_gram_fwd``
+(:func:`check_ghost_gram_inputs`), ``pair_wgrad`` (:func:`check_pair_wgrad_inputs`), and where each backend needs its
+tensors (:func:`check_placement`). Each check raises ValueError naming the argument. Index contents (monotone offsets,
+pairs in range) are checked once by the public functions, before any backend is picked.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from entangle_fast._backend import interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,6 +34,19 @@ def check_same_device_contiguous(named: list[tuple[str, Tensor]]) -> torch.devic
             raise ValueError(f"{name} must be contiguous")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, expected {device} like {named[0][0]}")
+    return device
+
+
+def check_placement(named: list[tuple[str, Tensor | None]], backend: str) -> torch.device:
+    """Every given tensor contiguous and on one device that ``backend`` (``"triton"`` or ``"cuda"``) can run on: CUDA,
+    or the CPU under the Triton interpreter. ``None`` entries (absent optional tensors) are skipped. Returns the
+    device."""
+    device = check_same_device_contiguous([(name, t) for name, t in named if t is not None])
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"{named[0][0]} is on {device}: impl='cuda' needs CUDA tensors")
+    if backend == "triton" and device.type == "cpu" and not interpreting():
+        raise ValueError(f"{named[0][0]} is on the CPU: Triton needs a GPU tensor, or TRITON_INTERPRET=1 set before "
+                         "triton is imported")
     return device
 
 
@@ -89,3 +106,50 @@ def grad_weight_row0(grad_weight, vocab_start: int, vocab_end: int) -> int:
     if grad_weight is None:
         return 0
     return vocab_start if grad_weight.shape[0] == vocab_end - vocab_start else 0
+
+
+def check_ghost_gram_inputs(a, gamma, ids, cu_seqlens, seg_pairs) -> list[tuple[str, Tensor | None]]:
+    """The inputs of ``ghost_gram_fwd``: gamma ``[S, d_out]`` and a ``[S, d_in]`` (or None) in one kernel dtype; ids,
+    cu_seqlens and seg_pairs int64 (their values are checked by :func:`entangle_fast.ghost.ghost_gram`). Returns the
+    named tensors, gamma first, for :func:`check_placement`."""
+    if not isinstance(gamma, Tensor) or gamma.dtype not in KERNEL_DTYPES or gamma.dim() != 2:
+        raise ValueError(f"gamma must be a 2-D float32, bfloat16 or float16 tensor [S, d_out], got "
+                         f"{getattr(gamma, 'dtype', type(gamma))} {list(_shape(gamma))}")
+    n_tok = gamma.shape[0]
+    if a is not None and (not isinstance(a, Tensor) or a.dtype != gamma.dtype or _shape(a)[:1] != (n_tok,)
+                          or a.dim() != 2):
+        raise ValueError(f"a must be {gamma.dtype} [{n_tok}, d_in] like gamma, or None; got "
+                         f"{getattr(a, 'dtype', type(a))} {list(_shape(a))}")
+    for name, t, ndim in (("ids", ids, 1), ("cu_seqlens", cu_seqlens, 1), ("seg_pairs", seg_pairs, 2)):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != ndim):
+            raise ValueError(f"{name} must be an int64 {ndim}-D tensor, got {getattr(t, 'dtype', type(t))} "
+                             f"{list(_shape(t))}")
+    if cu_seqlens is None or seg_pairs is None:
+        raise ValueError("cu_seqlens and seg_pairs are required")
+    return [("gamma", gamma), ("a", a), ("ids", ids), ("cu_seqlens", cu_seqlens), ("seg_pairs", seg_pairs)]
+
+
+def check_pair_wgrad_inputs(a, gamma, cu_seqlens, pairs, fold, unpaired, out_dtype) -> list[tuple[str, Tensor]]:
+    """The inputs of ``pair_wgrad``: a ``[S, d_in]`` and gamma ``[S, d_out]`` in one kernel dtype, ``out_dtype`` a
+    kernel dtype; cu_seqlens int64 ``[R + 1]``, pairs int64 ``[B, 2]``, fold int32 ``[B, 2]``, unpaired int64 ``[U]``
+    (planned by :func:`entangle_fast.bookkeeping.pair_plan`). Returns the named tensors, gamma first, for
+    :func:`check_placement`."""
+    for name, t in (("gamma", gamma), ("a", a)):
+        if not isinstance(t, Tensor) or t.dtype not in KERNEL_DTYPES or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D float32, bfloat16 or float16 tensor [S, d], got "
+                             f"{getattr(t, 'dtype', type(t))} {list(_shape(t))}")
+    if a.dtype != gamma.dtype:
+        raise ValueError(f"a dtype {a.dtype} must match gamma dtype {gamma.dtype}")
+    if a.shape[0] != gamma.shape[0]:
+        raise ValueError(f"a has {a.shape[0]} tokens but gamma has {gamma.shape[0]}")
+    if out_dtype not in KERNEL_DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    n_pairs = _shape(pairs)[0] if _shape(pairs) else -1
+    index_tensors = (("cu_seqlens", cu_seqlens, torch.int64, None), ("pairs", pairs, torch.int64, (n_pairs, 2)),
+                     ("fold", fold, torch.int32, (n_pairs, 2)), ("unpaired", unpaired, torch.int64, None))
+    for name, t, dtype, shape in index_tensors:
+        if not isinstance(t, Tensor) or t.dtype != dtype or (t.dim() != 1 if shape is None else _shape(t) != shape):
+            want = "[n]" if shape is None else list(shape)
+            raise ValueError(f"{name} must be {dtype} {want}, got {getattr(t, 'dtype', type(t))} {list(_shape(t))}")
+    return [("gamma", gamma), ("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs), ("fold", fold),
+            ("unpaired", unpaired)]

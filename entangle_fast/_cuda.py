@@ -26,10 +26,11 @@ import torch
 from torch import Tensor
 
 from entangle_fast._contract import (
-    KERNEL_DTYPES,
+    check_ghost_gram_inputs,
     check_logprob_bwd_buffers,
     check_logprob_inputs,
-    check_same_device_contiguous,
+    check_pair_wgrad_inputs,
+    check_placement,
 )
 
 JIT_NAME = "entangle_fast_cuda"
@@ -213,12 +214,6 @@ def _ghost_gram_fake(a, gamma, ids, cu_seqlens, seg_pairs, tmax_i, tmax_j, posit
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_placement(named):
-    device = check_same_device_contiguous(named)
-    if device.type != "cuda":
-        raise ValueError(f"{named[0][0]} is on {device}: impl='cuda' needs CUDA tensors")
-
-
 def cuda_logprob_fwd(hidden, weight, labels, bias, ignore_index):
     """Token log-probs of `labels` under softmax(hidden @ weight.T + bias), never forming [N, V] (CUDA C++ kernels).
 
@@ -227,7 +222,7 @@ def cuda_logprob_fwd(hidden, weight, labels, bias, ignore_index):
     logprob 0.0, other labels must lie in [0, V). Returns (logprobs, lse), both fp32 [N].
     """
     _, _, _, named = check_logprob_inputs(hidden, weight, labels, bias)
-    _check_placement(named)
+    check_placement(named, "cuda")
     return torch.ops.entangle_fast.logprob_fwd(hidden, weight, labels, bias, int(ignore_index))
 
 
@@ -245,7 +240,7 @@ def cuda_logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_in
         n, v, d, named, lse=lse, grad_logprobs=grad_logprobs, grad_hidden_unscaled=grad_hidden_unscaled,
         grad_weight=grad_weight, grad_bias=grad_bias, vocab_start=vocab_start, vocab_end=vocab_end,
         probs_out=probs_out)
-    _check_placement(named)
+    check_placement(named, "cuda")
     if n == 0 or width == 0:
         return
     torch.ops.entangle_fast.logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, int(ignore_index),
@@ -261,13 +256,7 @@ def cuda_ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool
     already validated (entangle_fast.ghost.ghost_gram). Returns (values fp32 [P], position_matrix fp32
     [P, Tmax_i, Tmax_j] or None), zero-padded.
     """
-    if gamma.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"gamma must be float32, bfloat16 or float16, got {gamma.dtype}")
-    if a is not None and a.dtype != gamma.dtype:
-        raise ValueError(f"a dtype {a.dtype} must match gamma dtype {gamma.dtype}")
-    named = [(name, t) for name, t in (("gamma", gamma), ("a", a), ("ids", ids), ("cu_seqlens", cu_seqlens),
-                                       ("seg_pairs", seg_pairs)) if t is not None]
-    _check_placement(named)
+    check_placement(check_ghost_gram_inputs(a, gamma, ids, cu_seqlens, seg_pairs), "cuda")
     if seg_pairs.shape[0]:
         # One host sync: the output shape (and the grid) depend on the longest segments.
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -300,14 +289,7 @@ def cuda_pair_wgrad(a, gamma, cu_seqlens, pairs, fold, unpaired, *, bias: bool, 
     validated and planned (entangle_fast.bookkeeping.pair_plan). Returns (grad_weight [d_out, d_in] out_dtype,
     grad_bias [d_out] or None, stats fp32 [3, B] = <G_w, G_l>, ||G_w||^2, ||G_l||^2).
     """
-    if gamma.dtype not in KERNEL_DTYPES or a.dtype != gamma.dtype:
-        raise ValueError(f"a and gamma must share one dtype among float32, bfloat16, float16; got {a.dtype}, "
-                         f"{gamma.dtype}")
-    if out_dtype not in KERNEL_DTYPES:
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    named = [("gamma", gamma), ("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs), ("fold", fold),
-             ("unpaired", unpaired)]
-    _check_placement(named)
+    check_placement(check_pair_wgrad_inputs(a, gamma, cu_seqlens, pairs, fold, unpaired, out_dtype), "cuda")
     d_in, d_out = a.shape[1], gamma.shape[1]
     # The kernel writes float32 or the inputs' dtype; any other out_dtype goes through a float32 buffer.
     buf_dtype = out_dtype if out_dtype in (torch.float32, gamma.dtype) else torch.float32

@@ -7,8 +7,10 @@ segment's never needs that [d_out, d_in] matrix (docs/math.md, section 4):
     values[p] = sum_{tau in i, sigma in j} F(tau, sigma) (gamma_tau . gamma_sigma),
     F = a_tau . a_sigma (weight) | 1 (bias, ``a=None``) | [ids_tau == ids_sigma] (embedding, ``ids=``).
 
-Vertical slice: ``kernels/ghost_gram.py`` (``_ghost_gram_kernel`` -> ``ghost_gram_fwd``) and
-:func:`torch_ghost_gram_fwd` below share one contract; :func:`ghost_gram` calls whichever :func:`resolve_impl` picked.
+Vertical slice: ``kernels/ghost_gram.py`` (``_ghost_gram_kernel`` -> ``ghost_gram_fwd``), ``csrc/ghost_gram.cu``
+(``entangle_fast._cuda.cuda_ghost_gram_fwd``) and the PyTorch path ``entangle_fast/_torch/ghost_gram.py``
+(``torch_ghost_gram_fwd``) share one launcher contract, checked in ``entangle_fast/_contract.py``; :func:`ghost_gram`
+calls the launcher that :func:`~entangle_fast._backend.resolve_impl` picked.
 The plain reference :func:`ghost_gram_reference` sits at the end of this file.
 """
 from __future__ import annotations
@@ -18,10 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from entangle_fast._backend import resolve_impl
+from entangle_fast import _backend
+from entangle_fast._backend import compute_dtype, launcher, resolve_impl
+from entangle_fast._torch.ghost_gram import pair_bounds
 
-# The PyTorch path forms [tile, tile] blocks of the (tau, sigma) plane, 16 MiB each in fp32, whatever the lengths.
-TORCH_TILE = 2048
+_backend.register("ghost_gram_fwd", torch="entangle_fast._torch.ghost_gram:torch_ghost_gram_fwd",
+                  triton="entangle_fast.kernels.ghost_gram:ghost_gram_fwd",
+                  cuda="entangle_fast._cuda:cuda_ghost_gram_fwd")
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -39,10 +44,6 @@ class GhostGramResult:
 
     values: Tensor
     position_matrix: Tensor | None = None
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _validate(a, gamma, cu_seqlens, seg_pairs, ids) -> None:
@@ -96,42 +97,6 @@ def _validate(a, gamma, cu_seqlens, seg_pairs, ids) -> None:
         raise ValueError(f"seg_pairs must index segments in [0, n_seg={n_seg}); seg_pairs[{p}, {c}] = {int(sp[p, c])}")
 
 
-def _pair_bounds(cu_seqlens: Tensor, seg_pairs: Tensor):
-    """Host lists ``[(start_i, end_i, start_j, end_j)]`` per pair and (Tmax_i, Tmax_j)."""
-    cu = cu_seqlens.tolist()
-    bounds = [(cu[i], cu[i + 1], cu[j], cu[j + 1]) for i, j in seg_pairs.tolist()]
-    tmax_i = max((e - s for s, e, _, _ in bounds), default=0)
-    tmax_j = max((e - s for _, _, s, e in bounds), default=0)
-    return bounds, tmax_i, tmax_j
-
-
-def torch_ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool = False):
-    """PyTorch path of the ``ghost_gram_fwd`` contract (see ``kernels/ghost_gram.py``).
-
-    Walks each pair's (tau, sigma) plane in [TORCH_TILE, TORCH_TILE] blocks in fp32 (fp64 for fp64 inputs), so memory
-    stays bounded whatever the segment lengths; no [S, S] Gram of the whole batch is formed.
-    Returns ``(values [P], position_matrix [P, Tmax_i, Tmax_j] or None)``.
-    """
-    cdt = _compute_dtype(gamma.dtype)
-    bounds, tmax_i, tmax_j = _pair_bounds(cu_seqlens, seg_pairs)
-    values = torch.zeros(len(bounds), dtype=cdt, device=gamma.device)
-    pos = torch.zeros(len(bounds), tmax_i, tmax_j, dtype=cdt, device=gamma.device) if positions else None
-    for p, (si, ei, sj, ej) in enumerate(bounds):
-        for t0 in range(si, ei, TORCH_TILE):
-            t1 = min(t0 + TORCH_TILE, ei)
-            for s0 in range(sj, ej, TORCH_TILE):
-                s1 = min(s0 + TORCH_TILE, ej)
-                prod = gamma[t0:t1].to(cdt) @ gamma[s0:s1].to(cdt).T
-                if a is not None:
-                    prod *= a[t0:t1].to(cdt) @ a[s0:s1].to(cdt).T
-                elif ids is not None:
-                    prod *= ids[t0:t1, None] == ids[None, s0:s1]
-                values[p] += prod.sum()
-                if pos is not None:
-                    pos[p, t0 - si : t1 - si, s0 - sj : s1 - sj] = prod
-    return values, pos
-
-
 def ghost_gram(
     a: Tensor | None,
     gamma: Tensor,
@@ -152,7 +117,7 @@ def ghost_gram(
         seg_pairs: ``[P, 2]`` int64 segment indices (i, j); i == j gives a squared norm.
         ids: ``[S]`` int64 token ids of an embedding, instead of ``a`` (factor ``[ids_tau == ids_sigma]``).
         positions: also return the per-(tau, sigma) terms (``[P, Tmax_i, Tmax_j]``, memory ``P Tmax^2``).
-        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"torch"``.
+        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"cuda"``, ``"torch"``.
 
     Returns:
         :class:`GhostGramResult` with fp32 values (fp64 for fp64 inputs), accumulated in fp32 whatever the input
@@ -172,16 +137,7 @@ def ghost_gram(
         cu_seqlens.contiguous(),
         seg_pairs.contiguous(),
     )
-    if backend == "triton":
-        from entangle_fast.kernels import ghost_gram_fwd
-
-        values, pos = ghost_gram_fwd(*args, positions=positions)
-    elif backend == "cuda":
-        from entangle_fast._cuda import cuda_ghost_gram_fwd
-
-        values, pos = cuda_ghost_gram_fwd(*args, positions=positions)
-    else:
-        values, pos = torch_ghost_gram_fwd(*args, positions=positions)
+    values, pos = launcher("ghost_gram_fwd", backend)(*args, positions=positions)
     return GhostGramResult(values, pos)
 
 
@@ -206,7 +162,7 @@ def ghost_gram_reference(
     result as :func:`ghost_gram` (values cast to fp32 for low-precision inputs). Memory ``T_i T_j`` per pair.
     """
     _validate(a, gamma, cu_seqlens, seg_pairs, ids)
-    bounds, tmax_i, tmax_j = _pair_bounds(cu_seqlens, seg_pairs)
+    bounds, tmax_i, tmax_j = pair_bounds(cu_seqlens, seg_pairs)
     vals, terms = [], []
     for si, ei, sj, ej in bounds:
         g_gram = gamma[si:ei] @ gamma[sj:ej].T
@@ -219,7 +175,7 @@ def ghost_gram_reference(
         term = f * g_gram
         vals.append(term.sum())
         terms.append(term)
-    cdt = _compute_dtype(gamma.dtype)
+    cdt = compute_dtype(gamma.dtype)
     values = torch.stack(vals).to(cdt) if vals else torch.zeros(0, dtype=cdt, device=gamma.device)
     pos = None
     if positions:

@@ -12,8 +12,10 @@ adds each chunk's probability products to every pair's ``P_w P_l^T`` (docs/math.
 soft-cap f'(l) varies over the vocabulary, so the chunks hold the deltas themselves and their products are
 accumulated instead (:class:`~entangle_fast.token_stats.PairLayout`).
 
-Vertical slice: ``kernels/logprob.py`` (Triton) and the chunked PyTorch path below share one contract
-(``*_fwd``/``*_bwd``); :class:`LinearLogprobFunction` calls whichever :func:`resolve_impl` picked.
+Vertical slice: ``kernels/logprob.py`` (Triton), ``csrc/logprob.cu`` (CUDA C++, ``entangle_fast/_cuda.py``) and the
+chunked PyTorch path ``entangle_fast/_torch/logprob.py`` share one launcher contract (``logprob_fwd``/``logprob_bwd``,
+checked in ``entangle_fast/_contract.py``); :class:`LinearLogprobFunction` calls the launcher that
+:func:`~entangle_fast._backend.resolve_impl` picked, from the table of :mod:`entangle_fast._backend`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from entangle_fast._backend import resolve_impl
+from entangle_fast import _backend
+from entangle_fast._backend import compute_dtype, launcher, resolve_impl
+from entangle_fast._torch import logprob as _torch_logprob
 from entangle_fast.logit_transform import IDENTITY, LogitTransform
 from entangle_fast.token_stats import (
     BackwardRecord,
@@ -36,41 +40,18 @@ from entangle_fast.token_stats import (
     resolve_pairs,
 )
 
-# The PyTorch path works on [rows, vocab] logit tiles of at most this many elements (16 MiB in fp32), whatever N is.
-# Vocabulary tiles are the outer loop: each weight tile is read (and, for bf16/fp16, converted) once, and its weight
-# gradient is complete after one sweep over the rows, so it is written straight into the output dtype.
-TORCH_TILE_ELEMENTS = 1 << 22
-TORCH_VOCAB_TILE = 4096
-# The statistics path holds one [N, V_chunk] probability chunk; V_chunk is a multiple of TORCH_VOCAB_TILE so the
+_backend.register("logprob_fwd", torch="entangle_fast._torch.logprob:torch_logprob_fwd",
+                  triton="entangle_fast.kernels.logprob:logprob_fwd", cuda="entangle_fast._cuda:cuda_logprob_fwd")
+_backend.register("logprob_bwd", torch="entangle_fast._torch.logprob:torch_logprob_bwd",
+                  triton="entangle_fast.kernels.logprob:logprob_bwd", cuda="entangle_fast._cuda:cuda_logprob_bwd")
+
+# The statistics path holds one [N, V_chunk] probability chunk; V_chunk is a multiple of the PyTorch path's
+# vocabulary tile (entangle_fast._torch.logprob.TORCH_VOCAB_TILE) so the
 # PyTorch backend's gradients are bit-identical with and without statistics.
 STATS_CHUNK_ELEMENTS = 1 << 26
 # The kernels' fp32 weight-gradient buffer for bf16/fp16 weights: one vocabulary chunk of at most this many elements
 # (128 MiB), rounded into the output after each chunk.
 GRAD_WEIGHT_CHUNK_ELEMENTS = 1 << 25
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _vocab_tiles(weight: Tensor, bias: Tensor | None, v0: int, v1: int, cdt: torch.dtype):
-    """The PyTorch path's vocabulary tiles of ``[v0, v1)``: ``(c0, c1, weight tile, bias tile | None)``, converted to
-    ``cdt`` once per tile."""
-    for c0 in range(v0, v1, TORCH_VOCAB_TILE):
-        c1 = min(c0 + TORCH_VOCAB_TILE, v1)
-        yield c0, c1, weight[c0:c1].to(cdt), None if bias is None else bias[c0:c1].to(cdt)
-
-
-def _row_chunks(n: int):
-    """Row slices of at most TORCH_TILE_ELEMENTS / TORCH_VOCAB_TILE rows: a logit tile is at most TORCH_TILE_ELEMENTS."""
-    rows = max(1, TORCH_TILE_ELEMENTS // TORCH_VOCAB_TILE)
-    for r0 in range(0, n, rows):
-        yield slice(r0, min(r0 + rows, n))
-
-
-def _torch_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``h @ w.T + b`` for one tile, all in the compute dtype."""
-    return torch.addmm(b, h, w.T) if b is not None else h @ w.T
 
 
 def transform_args(transform: LogitTransform | None) -> tuple[float, float]:
@@ -80,135 +61,13 @@ def transform_args(transform: LogitTransform | None) -> tuple[float, float]:
     return float(transform.scale), float(transform.softcap or 0.0)
 
 
-def _transform_tile_(logits: Tensor, scale: float, softcap: float, derivative: bool = False):
-    """``z = f(l)`` in place on one logit tile; with ``derivative``, also ``f'(l)``: None for the identity, the float
-    ``scale`` for a pure scale, else a tile. Returns ``(z, f')``."""
-    if softcap:
-        t = logits.mul_(scale / softcap).tanh_()
-        fprime = (1 - t * t).mul_(scale) if derivative else None
-        return t.mul_(softcap), fprime
-    if scale != 1.0:
-        logits.mul_(scale)
-    return logits, (None if scale == 1.0 else scale)
-
-
-def torch_logprob_fwd(hidden, weight, labels, bias, ignore_index, *, scale=1.0, softcap=0.0, metrics=False):
-    """PyTorch path of the forward contract: returns ``(logprobs [N], lse [N])`` in fp32 (fp64 for fp64 inputs), the
-    log-probs and log-sum-exp of ``z = f(l)`` (``scale``, ``softcap``: see :func:`transform_args`).
-
-    With ``metrics``, returns ``(logprobs, lse, entropy [N], logit_sum [N], argmax [N] int64)`` of softmax(z), every
-    row included (ignored ones too). Online log-sum-exp over vocabulary tiles; each tile is exponentiated in place, so
-    one tile is alive at a time (two with ``metrics``).
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
-    dev = hidden.device
-    running_max = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
-    running_sum = torch.zeros(n, dtype=cdt, device=dev)
-    target = torch.zeros(n, dtype=cdt, device=dev)
-    if metrics:
-        # running_ent = sum_v exp(z_v - m) (z_v - m) with m the running max: entropy = log s - running_ent / s
-        # without the cancellation of lse - E[z] when the logits are large.
-        running_ent = torch.zeros(n, dtype=cdt, device=dev)
-        logit_sum = torch.zeros(n, dtype=cdt, device=dev)
-        argmax = torch.zeros(n, dtype=torch.int64, device=dev)
-    for c0, c1, w, b in _vocab_tiles(weight, bias, 0, v, cdt):
-        for rows in _row_chunks(n):
-            z, _ = _transform_tile_(_torch_logits(hidden[rows].to(cdt), w, b), scale, softcap)
-            lab = labels[rows]
-            inside = (lab >= c0) & (lab < c1)
-            picked = z.gather(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
-            target[rows] = torch.where(inside, picked, target[rows])
-            old_max = running_max[rows]
-            if not metrics:
-                new_max = torch.maximum(old_max, z.amax(dim=1))
-                tile_sum = z.sub_(new_max[:, None]).exp_().sum(dim=1)
-            else:
-                logit_sum[rows] += z.sum(dim=1)
-                tile_max, tile_arg = z.max(dim=1)  # first index of the maximum
-                new_max = torch.maximum(old_max, tile_max)
-                # Strictly greater: on a tie the earlier tile, hence the lower index, keeps the argmax.
-                argmax[rows] = torch.where(tile_max > old_max, tile_arg + c0, argmax[rows])
-                d = z.sub_(new_max[:, None])
-                e = d.exp()
-                tile_sum = e.sum(dim=1)
-                tile_ent = e.mul_(d).sum(dim=1)
-                old_sum, shift = running_sum[rows], old_max - new_max
-                # Rebase the old terms on the new max: (z - m_new) = (z - m_old) + shift. Before the first tile the
-                # sum is 0 and shift is -inf: keep 0 rather than 0 * inf.
-                rebased = torch.exp(shift) * (running_ent[rows] + shift * old_sum)
-                running_ent[rows] = torch.where(old_sum > 0, rebased, torch.zeros_like(rebased)) + tile_ent
-            running_sum[rows] = running_sum[rows] * torch.exp(old_max - new_max) + tile_sum
-            running_max[rows] = new_max
-    lse = running_max + torch.log(running_sum)
-    logprobs = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
-    if not metrics:
-        return logprobs, lse
-    entropy = torch.log(running_sum) - running_ent / running_sum
-    return logprobs, lse, entropy, logit_sum, argmax
-
-
-def torch_logprob_bwd(
-    hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
-    grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out,
-    scale=1.0, softcap=0.0, delta_out=None,
-):
-    """PyTorch path of the backward contract (see ``kernels/logprob.py``): adds into ``grad_hidden_unscaled [N, d]``
-    (compute dtype), ``grad_weight [V, d]`` and ``grad_bias [V]`` over vocab ``[vocab_start, vocab_end)``, and writes
-    ``probs_out [N, vocab_end - vocab_start]`` (p = softmax(z)) and ``delta_out`` (same shape, f'(l) (e_y - p)) when
-    given; both 0 on ignored rows. ``lse`` is that of z = f(l).
-
-    Unlike the kernels, ``grad_weight`` may have the weight's own dtype: each vocabulary tile's weight gradient is
-    summed over all rows in the compute dtype and added once, so a zero-filled bf16 buffer receives the rounded sums.
-    """
-    cdt = _compute_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    valid = labels != ignore_index
-    # exp(z - inf) = 0: ignored rows get zero probabilities without a masking pass over every tile.
-    lse_masked = torch.where(valid, lse.to(cdt), torch.full_like(lse, float("inf"), dtype=cdt))
-    g = grad_logprobs.to(cdt)
-    for c0, c1, w, b in _vocab_tiles(weight, bias, vocab_start, vocab_end, cdt):
-        acc = None
-        if grad_weight is not None:
-            acc = grad_weight[c0:c1] if grad_weight.dtype == cdt else torch.zeros_like(w)
-        for rows in _row_chunks(n):
-            h = hidden[rows].to(cdt)
-            z, fprime = _transform_tile_(_torch_logits(h, w, b), scale, softcap, derivative=True)
-            du = z.sub_(lse_masked[rows, None]).exp_()
-            cols = slice(c0 - vocab_start, c1 - vocab_start)
-            if probs_out is not None:
-                probs_out[rows, cols] = du
-            du.neg_()  # du = e_y - p
-            lab = labels[rows]
-            # + e_y on the rows whose label lies in this tile (a scatter, no host sync on CUDA).
-            inside = valid[rows] & (lab >= c0) & (lab < c1)
-            du.scatter_add_(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None], inside.to(cdt)[:, None])
-            if fprime is not None:  # dl/dl_v = f'(l_v) dl/dz_v
-                du.mul_(fprime)
-            if delta_out is not None:
-                delta_out[rows, cols] = du
-            grad_hidden_unscaled[rows].addmm_(du, w)
-            if acc is not None or grad_bias is not None:
-                gdu = du.mul_(g[rows, None])
-                if acc is not None:
-                    acc.addmm_(gdu.T, h)
-                if grad_bias is not None:
-                    grad_bias[c0:c1] += gdu.sum(dim=0)
-        if acc is not None and grad_weight.dtype != cdt:
-            grad_weight[c0:c1] += acc
-
-
-def _backend_fns(impl: str):
-    """The ``(fwd, bwd)`` launchers of a resolved backend (all three share the contract of ``kernels/logprob.py``)."""
-    if impl == "triton":
-        from entangle_fast.kernels import logprob_bwd, logprob_fwd
-
-        return _plain_launchers(logprob_fwd, logprob_bwd)
-    if impl == "cuda":
-        from entangle_fast._cuda import cuda_logprob_bwd, cuda_logprob_fwd
-
-        return _plain_launchers(cuda_logprob_fwd, cuda_logprob_bwd)
-    return torch_logprob_fwd, torch_logprob_bwd
+def _launchers(backend: str):
+    """The ``(fwd, bwd)`` launchers of a resolved backend, from the table of :mod:`entangle_fast._backend`; the kernels
+    that lack the transform and metrics arguments are wrapped by :func:`_plain_launchers`."""
+    fwd, bwd = launcher("logprob_fwd", backend), launcher("logprob_bwd", backend)
+    if backend == "torch" or backend in _KERNELS_WITH_TRANSFORM_AND_METRICS:
+        return fwd, bwd
+    return _plain_launchers(fwd, bwd)
 
 
 def _plain_launchers(fwd, bwd):
@@ -227,12 +86,13 @@ def _plain_launchers(fwd, bwd):
 def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None):
     """Vocabulary ranges of the backward: one range, unless statistics are asked for (chunks holding at most
     STATS_CHUNK_ELEMENTS probabilities) or ``max_cols`` caps the width; widths are multiples of TORCH_VOCAB_TILE."""
+    tile = _torch_logprob.TORCH_VOCAB_TILE
     cols = v
     if with_stats:
-        cols = (STATS_CHUNK_ELEMENTS // max(n, 1)) // TORCH_VOCAB_TILE * TORCH_VOCAB_TILE
+        cols = (STATS_CHUNK_ELEMENTS // max(n, 1)) // tile * tile
     if max_cols is not None:
-        cols = min(cols, max_cols // TORCH_VOCAB_TILE * TORCH_VOCAB_TILE)
-    cols = max(TORCH_VOCAB_TILE, cols) if cols < v else v
+        cols = min(cols, max_cols // tile * tile)
+    cols = max(tile, cols) if cols < v else v
     return [(c0, min(c0 + cols, v)) for c0 in range(0, v, cols)]
 
 
@@ -261,10 +121,10 @@ def fused_backward(
     if sums is not None:
         return _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
                                     need_bias_grad=need_bias_grad, transform=transform, sums=sums)
-    _, bwd = _backend_fns(impl)
+    _, bwd = _launchers(impl)
     scale, softcap = transform_args(transform)
     n, v = hidden.shape[0], weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = compute_dtype(hidden.dtype)
     r = torch.zeros(n, hidden.shape[1], dtype=cdt, device=hidden.device)
     gw = torch.zeros(v, weight.shape[1], dtype=weight.dtype, device=hidden.device) if need_weight_grad else None
     gb = torch.zeros(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
@@ -300,10 +160,10 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
     f'(l) (e_y - p) and r, and the chunk's weight-gradient tile is summed row by row, the pair sums beside it."""
     from entangle_fast.bookkeeping import pair_weight_grad_dense
 
-    _, bwd = _backend_fns(impl)
+    _, bwd = _launchers(impl)
     scale, softcap = transform_args(transform)
     n, v, d = hidden.shape[0], weight.shape[0], hidden.shape[1]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = compute_dtype(hidden.dtype)
     r = torch.zeros(n, d, dtype=cdt, device=hidden.device)
     gw = torch.empty(v, d, dtype=weight.dtype, device=hidden.device)
     gb = torch.empty(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
@@ -363,7 +223,7 @@ class LinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, impl, stats_request, transform, metrics):
-        fwd, _ = _backend_fns(impl)
+        fwd, _ = _launchers(impl)
         scale, softcap = transform_args(transform)
         out = fwd(hidden, weight, labels, bias, ignore_index, scale=scale, softcap=softcap, metrics=metrics)
         logprobs, lse = out[0], out[1]
@@ -377,7 +237,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         req: _StatsRequest | None = ctx.stats_request
         transform = ctx.transform or IDENTITY
-        cdt = _compute_dtype(hidden.dtype)
+        cdt = compute_dtype(hidden.dtype)
         g = grad_logprobs.to(cdt).contiguous()
         layout = sums = None
         if req is not None and req.sums_only and ctx.needs_input_grad[1]:
@@ -396,7 +256,7 @@ class LinearLogprobFunction(torch.autograd.Function):
                 req.handle._stats = stats
             for listener in req.listeners:
                 listener(BackwardRecord(hidden, weight, bias, labels, lse, g, ctx.ignore_index,
-                                        tuple(req.labels_2d.shape), stats, transform))
+                                        tuple(req.labels_2d.shape), stats, transform, ctx.impl))
         # r is not read after this point: scale it in place (an [N, d] fp32 buffer less at the peak).
         grad_hidden = r.mul_(g[:, None]).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = gw
@@ -480,7 +340,8 @@ def linear_logprobs(
         weight: ``[V, d]`` output embedding, same dtype. bias: ``[V]`` or None.
         labels: ``[...]`` int64 targets aligned with ``hidden`` (no shift here); ``ignore_index`` marks skipped tokens.
         impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"cuda"`` (CUDA C++ kernels of csrc/),
-            ``"torch"``.
+            ``"torch"``. The kernels have no logit transform or token metrics yet: ``"auto"`` then runs the PyTorch
+            path, and an explicit ``"triton"`` or ``"cuda"`` raises NotImplementedError.
         pairs: with ``token_stats``: ``[P, 2]`` (chosen row, rejected row) over the rows of ``hidden [R, T, d]``;
             default row i with row R/2 + i (TRL's concatenated layout).
         token_stats: also compute :class:`~entangle_fast.token_stats.OutputLayerTokenStats` in the backward; requires
@@ -519,7 +380,7 @@ def linear_logprobs(
         return (logprobs, *extra) if extra else logprobs
 
     if hidden.numel() == 0 or labels.numel() == 0:
-        cdt = _compute_dtype(hidden.dtype)
+        cdt = compute_dtype(hidden.dtype)
         empty = hidden.new_zeros(lead, dtype=cdt) + 0 * hidden.sum() + 0 * weight.sum()
         metrics = TokenMetrics(hidden.new_zeros(lead, dtype=cdt), hidden.new_zeros(lead, dtype=cdt),
                                torch.zeros(lead, dtype=torch.int64, device=hidden.device)) if token_metrics else None
@@ -557,14 +418,14 @@ def output_layer_token_stats(
         raise ValueError(f"hidden must have shape [R, T, d]; got {tuple(hidden.shape)}")
     backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, False)
     transform = transform if transform is not None and not transform.identity else IDENTITY
-    fwd, _ = _backend_fns(backend)
+    fwd, _ = _launchers(backend)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     lab = labels.reshape(-1).to(torch.int64).contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     scale, softcap = transform_args(transform)
     _, lse = fwd(h2, weight, lab, bias, ignore_index, scale=scale, softcap=softcap)
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = compute_dtype(hidden.dtype)
     layout = PairLayout(labels, resolve_pairs(pairs, hidden.shape[0], hidden.device), ignore_index, cdt, transform)
     zeros = torch.zeros(h2.shape[0], dtype=cdt, device=hidden.device)
     r, _, _ = fused_backward(backend, h2, weight, lab, bias, lse, zeros, ignore_index,

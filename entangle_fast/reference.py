@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from entangle_fast._backend import compute_dtype
 from entangle_fast.logit_transform import LogitTransform
 
 
@@ -40,7 +41,7 @@ def linear_logprobs_reference(
         ``[...]`` log-probs, float64 for float64 inputs, else float32.
     """
     logits = transformed_logits_reference(hidden, weight, bias, upcast=upcast, transform=transform)
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out_dtype = compute_dtype(hidden.dtype)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -55,7 +56,7 @@ def transformed_logits_reference(hidden: Tensor, weight: Tensor, bias: Tensor | 
     if bias is not None:
         logits = logits + bias
     if upcast:
-        logits = logits.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        logits = logits.to(compute_dtype(hidden.dtype))
     return transform(logits) if transform is not None else logits
 
 
@@ -74,7 +75,7 @@ def sequence_logprobs_reference(logits: Tensor, labels: Tensor, ignore_index: in
     Applies the Hugging Face causal-LM shift (logits at position t predict labels at t + 1) and returns ``[R, T - 1]``,
     0 where the shifted label is ``ignore_index``.
     """
-    logits = logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    logits = logits[:, :-1].to(compute_dtype(logits.dtype))
     shifted = labels[:, 1:]
     valid = shifted != ignore_index
     safe = torch.where(valid, shifted, torch.zeros_like(shifted))
@@ -195,7 +196,7 @@ def pair_weight_grad_reference(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pai
     bounds = cu.tolist()
     grads = [gamma[s:e].T @ a[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
     sums = [gamma[s:e].sum(dim=0) for s, e in zip(bounds[:-1], bounds[1:])]
-    stat_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    stat_dtype = compute_dtype(a.dtype)
 
     def dot(i: int, j: int) -> Tensor:
         value = (grads[i] * grads[j]).sum()

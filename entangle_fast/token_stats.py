@@ -271,7 +271,8 @@ class BackwardRecord:
     Shapes over the flattened token axis N = R * T: hidden ``[N, d]``, labels ``[N]``, lse ``[N]``,
     grad_logprobs ``[N]`` (upstream gradient of each token log-prob); ``rows_shape`` is ``(R, T)``. ``lse`` is that of
     the transformed logits z = transform(h W^T + b): a consumer that recomputes probabilities or head gradients from
-    the record applies ``transform`` (and its derivative) to the logits first.
+    the record applies ``transform`` (and its derivative) to the logits first. ``impl`` is the backend the op ran on
+    (``"torch"``, ``"triton"`` or ``"cuda"``), so a consumer's own head pass runs on the same one.
     """
 
     hidden: Tensor
@@ -284,6 +285,7 @@ class BackwardRecord:
     rows_shape: tuple[int, int]
     stats: OutputLayerTokenStats
     transform: LogitTransform = IDENTITY
+    impl: str = "auto"
 
 
 class TokenStatsHandle:

@@ -15,21 +15,16 @@ the tile's sum to its own slot of a partial-sum buffer that the host reduces. Se
 "ghost" form), for the identity and for how the per-(tau, sigma) terms add up to a per-position attribution.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from entangle_fast._backend import interpreting
+from entangle_fast._contract import check_ghost_gram_inputs, check_placement
 
 MODE_ACT = 0
 MODE_BIAS = 1
 MODE_IDS = 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _tile_shape() -> tuple[int, int]:
@@ -41,11 +36,11 @@ def _tile_shape() -> tuple[int, int]:
     programs when there are few pairs. The interpreter uses 32 x 32: its cost is per program, and 32 still leaves
     segments of 1, 7 and 129 tokens partial tiles.
     """
-    return (32, 32) if _interpreting() else (64, 64)
+    return (32, 32) if interpreting() else (64, 64)
 
 
 def _configs():
-    if _interpreting():
+    if interpreting():
         # One small config: the interpreter runs each tile in numpy, tuning would only cost time. BLOCK_K = 16 keeps
         # d = 64 a multi-step K-loop and d = 3 a masked one.
         return [triton.Config({"BLOCK_K": 16}, num_warps=1, num_stages=1)]
@@ -150,7 +145,7 @@ def _ghost_gram_kernel(a_ptr, ids_ptr, g_ptr, cu_ptr, pairs_ptr, partials_ptr, p
 
 
 def _dot_in_fp32(dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
+    return interpreting() and dtype == torch.bfloat16
 
 
 def ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool = False):
@@ -162,22 +157,7 @@ def ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool = Fa
     Returns (values fp32 [P], position_matrix fp32 [P, Tmax_i, Tmax_j] or None), Tmax_i (Tmax_j) the longest first
     (second) segment over the pairs; the padding of position_matrix is 0.
     """
-    if gamma.dtype not in _DTYPES:
-        raise ValueError(f"gamma must be float32, bfloat16 or float16, got {gamma.dtype}")
-    if a is not None and a.dtype != gamma.dtype:
-        raise ValueError(f"a dtype {a.dtype} must match gamma dtype {gamma.dtype}")
-    named = [("gamma", gamma), ("a", a), ("ids", ids), ("cu_seqlens", cu_seqlens), ("seg_pairs", seg_pairs)]
-    device = gamma.device
-    for name, t in named:
-        if t is None:
-            continue
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device} like gamma")
-    if device.type == "cpu" and not _interpreting():
-        raise ValueError("gamma is on the CPU: Triton needs a GPU tensor, or TRITON_INTERPRET=1 set before triton "
-                         "is imported")
+    device = check_placement(check_ghost_gram_inputs(a, gamma, ids, cu_seqlens, seg_pairs), "triton")
 
     n_pairs = seg_pairs.shape[0]
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]

@@ -14,18 +14,12 @@ See docs/math.md, section 3.1, for why the same p tiles also feed the token Gram
 Logit tiles are recomputed from h and W in both passes, so memory stays O(N + V) beyond the inputs.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from entangle_fast._contract import (
-    check_logprob_bwd_buffers,
-    check_logprob_inputs,
-    check_same_device_contiguous,
-    grad_weight_row0,
-)
+from entangle_fast._backend import interpreting
+from entangle_fast._contract import check_logprob_bwd_buffers, check_logprob_inputs, check_placement, grad_weight_row0
 
 
 
@@ -54,12 +48,8 @@ _BWD_CONFIG_FP32 = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_sta
 _INTERPRET_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _fwd_configs():
-    if _interpreting():
+    if interpreting():
         return [triton.Config(dict(_INTERPRET_BLOCKS), num_warps=1)]
     return _FWD_CONFIGS_16BIT + _FWD_CONFIGS_FP32
 
@@ -71,7 +61,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 
 
 def _bwd_config(dtype) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(_INTERPRET_BLOCKS, num_warps=1, num_stages=1)
     return dict(_BWD_CONFIG_FP32 if dtype == torch.float32 else _BWD_CONFIG_16BIT)
 
@@ -230,15 +220,8 @@ def _logprob_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
                           mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
 
 
-def _check_placement(named):
-    device = check_same_device_contiguous(named)
-    if device.type == "cpu" and not _interpreting():
-        raise ValueError(f"{named[0][0]} is on the CPU: Triton needs a GPU tensor, or TRITON_INTERPRET=1 "
-                         "set before triton is imported")
-
-
 def _dot_in_fp32(dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
+    return interpreting() and dtype == torch.bfloat16
 
 
 def _default_num_splits(N, V, device) -> int:
@@ -260,7 +243,7 @@ def logprob_fwd(hidden, weight, labels, bias, ignore_index, *, num_splits=None):
     Returns (logprobs, lse), both fp32 [N]; lse is computed for ignored rows too (finite).
     """
     N, V, d, named = check_logprob_inputs(hidden, weight, labels, bias)
-    _check_placement(named)
+    check_placement(named, "triton")
     if num_splits is None:
         num_splits = _default_num_splits(N, V, hidden.device)
     if not isinstance(num_splits, int) or num_splits < 1:
@@ -302,7 +285,7 @@ def logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, 
         N, V, d, named, lse=lse, grad_logprobs=grad_logprobs, grad_hidden_unscaled=grad_hidden_unscaled,
         grad_weight=grad_weight, grad_bias=grad_bias, vocab_start=vocab_start, vocab_end=vocab_end,
         probs_out=probs_out)
-    _check_placement(named)
+    check_placement(named, "triton")
     if N == 0 or width == 0:
         return
 

@@ -15,21 +15,16 @@ of the tile is db = sum gamma and the statistics include <b_w, b_l> etc. automat
 See docs/math.md section 4 (and section 4.1, "the floor") and entangle_fast/bookkeeping.py.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from entangle_fast._contract import KERNEL_DTYPES, check_same_device_contiguous
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from entangle_fast._backend import interpreting
+from entangle_fast._contract import check_pair_wgrad_inputs, check_placement
 
 
 def _configs():
-    if _interpreting():
+    if interpreting():
         # One small config: the interpreter runs each tile in numpy. 16 is tl.dot's smallest block; BLOCK_K = 16
         # leaves rows of 7 tokens a masked K-step and rows of 129 tokens nine of them.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
@@ -141,17 +136,8 @@ def pair_wgrad(a, gamma, cu_seqlens, pairs, fold, unpaired, *, bias: bool, out_d
     Returns (grad_weight [d_out, d_in] out_dtype, grad_bias [d_out] out_dtype or None, stats fp32 [3, B]) with
     stats[0] = <G_w, G_l>, stats[1] = ||G_w||^2, stats[2] = ||G_l||^2 (bias parts included when ``bias``).
     """
-    if gamma.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"gamma must be float32, bfloat16 or float16, got {gamma.dtype}")
-    if a.dtype != gamma.dtype:
-        raise ValueError(f"a dtype {a.dtype} must match gamma dtype {gamma.dtype}")
-    if out_dtype not in KERNEL_DTYPES:
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    device = check_same_device_contiguous([("gamma", gamma), ("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs),
-                                           ("fold", fold), ("unpaired", unpaired)])
-    if device.type == "cpu" and not _interpreting():
-        raise ValueError("gamma is on the CPU: Triton needs a GPU tensor, or TRITON_INTERPRET=1 set before triton "
-                         "is imported")
+    named = check_pair_wgrad_inputs(a, gamma, cu_seqlens, pairs, fold, unpaired, out_dtype)
+    device = check_placement(named, "triton")
     d_in, d_out = a.shape[1], gamma.shape[1]
     n_pairs = pairs.shape[0]
     # NaN-filled rather than empty: an element the kernel failed to write cannot pass as a value. The statistics are
@@ -165,7 +151,7 @@ def pair_wgrad(a, gamma, cu_seqlens, pairs, fold, unpaired, *, bias: bool, out_d
     _pair_wgrad_kernel[grid](
         a, gamma, cu_seqlens, pairs, fold, unpaired, gw, gb if gb is not None else gw, stats,
         n_pairs, unpaired.shape[0], d_in, d_out,
-        HAS_BIAS=bias, DOT_IN_FP32=_interpreting() and a.dtype == torch.bfloat16,
-        ROUND_BF16_OUT=_interpreting() and out_dtype == torch.bfloat16,
+        HAS_BIAS=bias, DOT_IN_FP32=interpreting() and a.dtype == torch.bfloat16,
+        ROUND_BF16_OUT=interpreting() and out_dtype == torch.bfloat16,
     )
     return gw, gb, stats

@@ -26,3 +26,11 @@ def test_unknown_option_exits_with_usage(capsys):
         main(["logprobs", "--arch", "bert"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_logprobs_impl_choices_are_the_backend_switch():
+    from entangle_fast._backend import IMPLS
+    from entangle_fast.cli import build_parser
+
+    for impl in IMPLS:
+        assert build_parser().parse_args(["logprobs", "--impl", impl]).impl == impl

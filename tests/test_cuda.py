@@ -433,7 +433,7 @@ def test_ops_pass_opcheck_and_compile():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_logprobs_impl_cuda(dtype):
-    """End to end through the autograd op, once resolve_impl and _backend_fns dispatch impl='cuda' here."""
+    """End to end through the autograd op, once resolve_impl and the launcher table dispatch impl='cuda' here."""
     from entangle_fast.logprobs import linear_logprobs
 
     try:

@@ -7,6 +7,7 @@ per token for the token statistics): float64 on the PyTorch path to 1e-12, and o
 import pytest
 import torch
 
+import entangle_fast._torch.logprob as torch_lp
 import entangle_fast.logprobs as lp_mod
 from entangle_fast import linear_logprobs, output_layer_token_stats
 from entangle_fast.logit_transform import LogitTransform
@@ -47,8 +48,8 @@ def make_inputs(n, v, d, dtype, *, bias=True, seed=0, ignore=(), lead=None):
 
 def small_tiles(monkeypatch):
     """Several vocabulary tiles, row chunks and statistics chunks even at test sizes."""
-    monkeypatch.setattr(lp_mod, "TORCH_VOCAB_TILE", 64)
-    monkeypatch.setattr(lp_mod, "TORCH_TILE_ELEMENTS", 64 * 8)
+    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
+    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 64 * 8)
     monkeypatch.setattr(lp_mod, "STATS_CHUNK_ELEMENTS", 64 * 40)
 
 

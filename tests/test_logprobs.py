@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import entangle_fast._torch.logprob as torch_lp
 import entangle_fast.logprobs as lp_mod
 from entangle_fast import linear_logprobs
 from entangle_fast._backend import resolve_impl
@@ -33,8 +34,8 @@ def grads(fn, hidden, weight, bias, upstream):
 @pytest.mark.parametrize("bias", [True, False])
 def test_float64_torch_path_is_exact(n, v, d, bias, monkeypatch):
     # Small tiles so the online log-sum-exp and the tiled backward really span several tiles.
-    monkeypatch.setattr(lp_mod, "TORCH_VOCAB_TILE", 64)
-    monkeypatch.setattr(lp_mod, "TORCH_TILE_ELEMENTS", 64 * 16)
+    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
+    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 64 * 16)
     hidden, weight, labels, b = make_inputs(n, v, d, torch.float64, bias=bias, ignore=(0,) if n > 2 else ())
     upstream = torch.randn(n, dtype=torch.float64)
     ours, g_ours = grads(lambda h, w, *bb: linear_logprobs(h, w, labels, bias=bb[0] if bb else None, impl="torch"),
@@ -96,7 +97,7 @@ def test_custom_ignore_index_and_batched_shape():
 def test_probs_chunk_fully_written_over_nan_poison(impl):
     """The backward's probability chunk is poisoned with NaN first: every element must be written (0 on ignored rows)."""
     hidden, weight, labels, b = make_inputs(13, 70, 16, torch.float32, ignore=(0, 12))
-    fwd, bwd = lp_mod._backend_fns(impl)
+    fwd, bwd = lp_mod._launchers(impl)
     _, lse = fwd(hidden, weight, labels, b, -100)
     probs = torch.full((13, 40), float("nan"))
     r = torch.zeros(13, 16)
@@ -119,8 +120,8 @@ def test_empty_input_returns_empty_and_backward_runs():
 
 def test_peak_memory_is_a_tile_not_the_logits(monkeypatch):
     """No allocation of the PyTorch path reaches the size of the [N, V] logits."""
-    monkeypatch.setattr(lp_mod, "TORCH_VOCAB_TILE", 256)
-    monkeypatch.setattr(lp_mod, "TORCH_TILE_ELEMENTS", 256 * 32)
+    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 256)
+    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 256 * 32)
     n, v, d = 512, 4096, 16
     hidden, weight, labels, _ = make_inputs(n, v, d, torch.float32, bias=False)
     hidden.requires_grad_(True)
@@ -174,7 +175,7 @@ def test_backend_resolution(monkeypatch):
 def test_kernel_weight_gradient_is_staged_by_vocabulary_chunk(impl, monkeypatch):
     """For a bf16 weight the kernels' fp32 weight gradient lives one vocabulary chunk at a time (never [V, d] fp32),
     rounded into the bf16 output after each chunk: the same gradients as a single chunk."""
-    monkeypatch.setattr(lp_mod, "TORCH_VOCAB_TILE", 64)
+    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
     n, v, d = 9, 300, 16
     hidden, weight, labels, b = make_inputs(n, v, d, torch.bfloat16, bias=True, ignore=(0,))
     upstream = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -187,14 +188,14 @@ def test_kernel_weight_gradient_is_staged_by_vocabulary_chunk(impl, monkeypatch)
         return g
 
     one = run()  # the default cap holds all 300 rows of d = 16 in one chunk
-    fwd, bwd = lp_mod._backend_fns(impl)
+    fwd, bwd = lp_mod._launchers(impl)
     seen = []
 
     def spy(*args, **kwargs):
         seen.append((tuple(kwargs["grad_weight"].shape), kwargs["grad_weight"].dtype))
         return bwd(*args, **kwargs)
 
-    monkeypatch.setattr(lp_mod, "_backend_fns", lambda _: (fwd, spy))
+    monkeypatch.setattr(lp_mod, "_launchers", lambda _: (fwd, spy))
     monkeypatch.setattr(lp_mod, "GRAD_WEIGHT_CHUNK_ELEMENTS", 64 * d)
     many = run()
     assert seen == [((64, d), torch.float32)] * 4 + [((44, d), torch.float32)]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import entangle_fast._torch.logprob as torch_lp
 import entangle_fast.logprobs as lp_mod
 from entangle_fast import linear_logprobs, output_layer_token_stats, preference_logprobs
 from entangle_fast.models import BUILTIN_PAIRS, TinyConfig, build_tokenizer, encode_pairs, tiny_model
@@ -25,8 +26,8 @@ def rows(r, t, d, v, dtype=torch.float64, *, seed=0, bias=True):
 
 def small_chunks(monkeypatch):
     """Several vocabulary chunks and tiles even at test sizes (V = 1001 is not a multiple of either)."""
-    monkeypatch.setattr(lp_mod, "TORCH_VOCAB_TILE", 64)
-    monkeypatch.setattr(lp_mod, "TORCH_TILE_ELEMENTS", 64 * 8)
+    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
+    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 64 * 8)
     monkeypatch.setattr(lp_mod, "STATS_CHUNK_ELEMENTS", 64 * 40)
 
 

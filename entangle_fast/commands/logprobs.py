@@ -5,11 +5,13 @@ import argparse
 
 import torch
 
+from entangle_fast._backend import IMPLS
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2"], help="tiny model family")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
-    parser.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"], help="fused op backend")
+    parser.add_argument("--impl", default="auto", choices=IMPLS, help="fused op backend (see entangle_fast._backend)")
 
 
 def run(args: argparse.Namespace) -> int:

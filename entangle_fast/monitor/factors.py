@@ -74,7 +74,7 @@ def weighted_gradients(kept: list[KeptUse], lam: Tensor) -> dict[nn.Parameter, T
             from entangle_fast.logprobs import fused_backward
 
             rec = use.record
-            impl = resolve_impl("auto", rec.hidden.device, rec.hidden.dtype)
+            impl = resolve_impl(rec.impl, rec.hidden.device, rec.hidden.dtype)  # the backend the op ran on
             _, gw, gb = fused_backward(impl, rec.hidden, rec.weight, rec.labels, rec.bias, rec.lse,
                                        _head_upstream(rec, lam), rec.ignore_index, need_weight_grad=True,
                                        need_bias_grad=rec.bias is not None, layout=None, transform=rec.transform)
@@ -90,7 +90,8 @@ def weighted_gradients(kept: list[KeptUse], lam: Tensor) -> dict[nn.Parameter, T
 def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``[N]`` g_t * delta_t . u_t with u_t = D_W h_t + D_b: each token's loss-unit gradient dotted with D, where
     delta_t = f'(l_t) (e_{y_t} - p_t) under the op's logit transform."""
-    from entangle_fast.logprobs import _compute_dtype, _row_chunks, _torch_logits, _vocab_tiles
+    from entangle_fast._backend import compute_dtype
+    from entangle_fast._torch.logprob import row_chunks, tile_logits, vocab_tiles
 
     transform = rec.transform
     n, v = rec.hidden.shape[0], rec.weight.shape[0]
@@ -108,11 +109,11 @@ def _head_dot(rec, d_weight: Tensor | None, d_bias: Tensor | None, dtype: torch.
         if rec.bias is not None:
             label_logits = label_logits + rec.bias[safe].to(dtype)
         target = target * transform.derivative(label_logits)
-    cdt = _compute_dtype(rec.hidden.dtype)  # the logits as the op computed them
-    for c0, c1, w, b in _vocab_tiles(rec.weight, rec.bias, 0, v, cdt):
+    cdt = compute_dtype(rec.hidden.dtype)  # the logits as the op computed them
+    for c0, c1, w, b in vocab_tiles(rec.weight, rec.bias, 0, v, cdt):
         dw = d_weight[c0:c1].to(dtype) if d_weight is not None else None
-        for rows in _row_chunks(n):
-            logits = _torch_logits(rec.hidden[rows].to(cdt), w, b).to(dtype)
+        for rows in row_chunks(n):
+            logits = tile_logits(rec.hidden[rows].to(cdt), w, b).to(dtype)
             p = torch.exp(transform(logits) - rec.lse[rows, None].to(dtype))
             if not transform.identity:
                 p = p * transform.derivative(logits)

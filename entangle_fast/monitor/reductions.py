@@ -20,12 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from entangle_fast._backend import compute_dtype  # noqa: F401  (R.compute_dtype for the monitor and profiler)
 from entangle_fast.ghost import ghost_gram
 from entangle_fast.token_stats import head_delta_at
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass

@@ -1,0 +1,149 @@
+"""The PyTorch path of the pair weight gradient: the ``pair_wgrad`` contract of ``kernels/pair_wgrad.py``.
+
+Row r's gradient G_r = sum_{tau in r} gamma_tau a_tau^T is formed for a chunk of pairs at a time, a slice of d_out at a
+time, and reduced to <G_w, G_l>, ||G_w||^2, ||G_l||^2 and to dW while the slice is in cache (docs/math.md section 4.2;
+the math is in :mod:`entangle_fast.bookkeeping`, which registers these launchers in :mod:`entangle_fast._backend`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from entangle_fast._backend import compute_dtype
+
+# The PyTorch path keeps at most this many bytes of live per-row gradients [rows, d_out, d_in] (plus the padded
+# [rows, T_max, d] input blocks they come from): 256 MiB, whatever the batch.
+TORCH_CHUNK_BYTES = 1 << 28
+
+
+def _pairs_per_chunk(d_in: int, d_out: int, t_max: int, itemsize: int, chunk_rows: int | None) -> int:
+    if chunk_rows is None:
+        # Per row: its [d_out, d_in] gradient and its padded [T_max, d_in + d_out] inputs.
+        per_row = (d_out * d_in + t_max * (d_in + d_out)) * itemsize
+        chunk_rows = TORCH_CHUNK_BYTES // max(per_row, 1)
+    return max(1, chunk_rows // 2)
+
+
+# The PyTorch path forms the per-row gradients of a slice of d_out at a time, of at most this many elements over the
+# chunk's rows (4 MiB in fp32), and reduces each slice while it is still in cache.
+CACHE_ELEMENTS = 1 << 20
+
+
+def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor | None, stats: Tensor,
+                   pairs_per_chunk: int) -> None:
+    """The pair loop of the PyTorch path: for each chunk of b pairs, ``blocks(rows)`` gives the rows' zero-padded
+    inputs ``([2b, T, d_in], [2b, T, d_out])`` in the compute dtype (chosen rows first, then rejected). Per slice of
+    d_out, one bmm forms the rows' gradients ``[2b, s, d_in]``; one Gram product of the flattened slices gives every
+    dot product the statistics need, one matrix-vector product folds the rows into ``gw``: two passes over a slice
+    that is still in cache, instead of one pass per statistic over the whole ``[2b, d_out, d_in]``."""
+    n_pairs = pairs.shape[0]
+    d_out, d_in = gw.shape
+    for c0 in range(0, n_pairs, pairs_per_chunk):
+        c1 = min(c0 + pairs_per_chunk, n_pairs)
+        b = c1 - c0
+        rows = torch.cat([pairs[c0:c1, 0], pairs[c0:c1, 1]])
+        x, g = blocks(rows)
+        weights = torch.cat([fold[c0:c1, 0], fold[c0:c1, 1]]).to(gw.dtype)
+        gt = g.transpose(1, 2)
+        step = max(1, CACHE_ELEMENTS // max(2 * b * d_in, 1))
+        idx = torch.arange(b, device=gw.device)
+        for o0 in range(0, d_out, step):
+            o1 = min(o0 + step, d_out)
+            flat = torch.bmm(gt[:, o0:o1], x).view(2 * b, -1)  # the only live per-row gradients
+            gram = flat @ flat.T
+            stats[0, c0:c1] += gram[idx, b + idx]
+            stats[1, c0:c1] += gram[idx, idx]
+            stats[2, c0:c1] += gram[b + idx, b + idx]
+            gw[o0:o1] += (weights @ flat).view(o1 - o0, d_in)
+        if gb is not None:
+            sums = g.sum(dim=1)  # [2b, d_out] per-row bias gradients
+            gram = sums @ sums.T
+            stats[0, c0:c1] += gram[idx, b + idx]
+            stats[1, c0:c1] += gram[idx, idx]
+            stats[2, c0:c1] += gram[b + idx, b + idx]
+            gb.add_(weights @ sums)
+
+
+def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor, *,
+                     bias: bool, out_dtype: torch.dtype, chunk_rows: int | None = None):
+    """PyTorch path of the ``pair_wgrad`` launcher contract (see ``kernels/pair_wgrad.py``), packed rows.
+
+    a ``[S, d_in]``, gamma ``[S, d_out]``; cu_seqlens ``[R + 1]``, pairs ``[B, 2]``, fold ``[B, 2]`` and unpaired
+    ``[U]`` as :func:`pair_plan` gives them (host or device). Each chunk of pairs gathers its rows into zero-padded
+    ``[2b, T_max, d]`` blocks in fp32 (fp64 for fp64 inputs) and runs one bmm; the unpaired rows' tokens go into
+    ``grad_weight`` with one matmul. When every row has the same length the inputs are already ``[R, T, d]`` and the
+    dense path runs without padding. Returns ``(grad_weight, grad_bias | None, stats [3, B])``.
+    """
+    cu = cu_seqlens.cpu()
+    lengths = cu[1:] - cu[:-1]
+    n_rows, n_tok = lengths.shape[0], a.shape[0]
+    if n_rows and bool((lengths == lengths[0]).all()):
+        t = int(lengths[0])
+        return torch_pair_wgrad_dense(a.reshape(n_rows, t, a.shape[1]), gamma.reshape(n_rows, t, gamma.shape[1]), pairs,
+                                      fold, unpaired, bias=bias, out_dtype=out_dtype, chunk_rows=chunk_rows)
+    cdt = compute_dtype(a.dtype)
+    device = a.device
+    d_in, d_out = a.shape[1], gamma.shape[1]
+    pairs, fold = pairs.to(device), fold.to(device)
+    gw = torch.zeros(d_out, d_in, dtype=cdt, device=device)
+    gb = torch.zeros(d_out, dtype=cdt, device=device) if bias else None
+    stats = torch.zeros(3, pairs.shape[0], dtype=cdt, device=device)
+    starts, lens_dev = cu[:-1].to(device), lengths.to(device)
+    t_max = int(lengths.max()) if n_rows else 0
+
+    def token_index(rows: Tensor):
+        """(source token, position in its row, slot in the row list) of every token of ``rows``, in order."""
+        lens = lens_dev[rows]
+        slot = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), lens)
+        pos = torch.arange(slot.shape[0], device=device) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        return starts[rows][slot] + pos, pos, slot
+
+    def blocks(rows: Tensor):
+        src, pos, slot = token_index(rows)
+        dest = slot * t_max + pos
+        x = torch.zeros(rows.shape[0] * t_max, d_in, dtype=cdt, device=device)
+        g = torch.zeros(rows.shape[0] * t_max, d_out, dtype=cdt, device=device)
+        x.index_copy_(0, dest, a.index_select(0, src).to(cdt))
+        g.index_copy_(0, dest, gamma.index_select(0, src).to(cdt))
+        return x.view(-1, t_max, d_in), g.view(-1, t_max, d_out)
+
+    per_chunk = _pairs_per_chunk(d_in, d_out, t_max, torch.finfo(cdt).bits // 8, chunk_rows)
+    _chunked_pairs(blocks, pairs, fold, gw, gb, stats, per_chunk)
+    if unpaired.numel() and n_tok:
+        src, _, _ = token_index(unpaired.to(device))
+        g_u = gamma.index_select(0, src).to(cdt)
+        gw.addmm_(g_u.T, a.index_select(0, src).to(cdt))
+        if gb is not None:
+            gb.add_(g_u.sum(dim=0))
+    return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats
+
+
+def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor, *, bias: bool,
+                           out_dtype: torch.dtype, chunk_rows: int | None = None):
+    """The PyTorch path for rows of one width: a ``[R, T, d_in]``, gamma ``[R, T, d_out]`` (padding positions carry
+    zero gradients). Each chunk of pairs indexes its rows out of the ``[R, T, d]`` inputs, no padding to build.
+    Same outputs as :func:`torch_pair_wgrad`."""
+    cdt = compute_dtype(a.dtype)
+    device = a.device
+    n_rows, t, d_in = a.shape
+    d_out = gamma.shape[2]
+    pairs, fold = pairs.to(device), fold.to(device)
+    gw = torch.zeros(d_out, d_in, dtype=cdt, device=device)
+    gb = torch.zeros(d_out, dtype=cdt, device=device) if bias else None
+    stats = torch.zeros(3, pairs.shape[0], dtype=cdt, device=device)
+
+    def blocks(rows: Tensor):
+        if rows.shape[0] == n_rows and bool((rows == torch.arange(n_rows, device=rows.device)).all()):
+            return a.to(cdt), gamma.to(cdt)  # every row in order (the default layout): no gather
+        return a.index_select(0, rows).to(cdt), gamma.index_select(0, rows).to(cdt)
+
+    per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
+    _chunked_pairs(blocks, pairs, fold, gw, gb, stats, per_chunk)
+    if unpaired.numel() and t:
+        unpaired = unpaired.to(device)
+        g_u = gamma.index_select(0, unpaired).to(cdt).reshape(-1, d_out)
+        gw.addmm_(g_u.T, a.index_select(0, unpaired).to(cdt).reshape(-1, d_in))
+        if gb is not None:
+            gb.add_(g_u.sum(dim=0))
+    return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats
+
