@@ -48,7 +48,7 @@ def default_pairs(rows: int, device=None) -> Tensor:
     """
     if rows % 2:
         raise ValueError(f"the default pairing (chosen rows 0..B-1 with rejected rows B..2B-1) needs an even number of "
-                         f"rows, got {rows} rows: pass pairs= explicitly")
+                         f"rows (2B rows), got {rows} rows: pass pairs= explicitly")
     b = rows // 2
     return torch.stack([torch.arange(b, device=device), torch.arange(b, 2 * b, device=device)], dim=1)
 
