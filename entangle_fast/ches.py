@@ -15,15 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from entangle_fast.data import default_pairs
+
 __all__ = ["ches_scores"]
 
 
 def _pairs(pairs, rows: int, device) -> Tensor:
     if pairs is None:
-        if rows % 2:
-            raise ValueError(f"ches_scores: the default pairing (row i with row B + i) needs 2B rows, got {rows}")
-        b = rows // 2
-        return torch.stack([torch.arange(b, device=device), torch.arange(b, 2 * b, device=device)], dim=1)
+        return default_pairs(rows, device)
     pairs = torch.as_tensor(pairs, device=device)
     if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.is_floating_point:
         raise ValueError(f"ches_scores: `pairs` must be integer [P, 2] (chosen row, rejected row), got "

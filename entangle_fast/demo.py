@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -40,9 +39,10 @@ from torch import Tensor, nn
 
 from entangle_fast.losses import dpo_loss
 from entangle_fast.mitigations import normalized_pairwise_gradients
-from entangle_fast.models import TinyConfig, build_tokenizer, tiny_model
+from entangle_fast.data import encode_pairs, load_pairs, pair_text
+from entangle_fast.models import TinyConfig, builtin_model, load_model
 from entangle_fast.monitor import EntanglementMonitor
-from entangle_fast.preference import IGNORE_INDEX, collate_rows, preference_logprobs
+from entangle_fast.preference import preference_logprobs
 
 METHODS = ("dpo", "normalized")
 
@@ -54,11 +54,12 @@ METHODS = ("dpo", "normalized")
 
 @dataclass
 class PreferenceSet:
-    """A named list of ``{"prompt", "chosen", "rejected"}`` pairs."""
+    """A named list of ``{"prompt", "chosen", "rejected"}`` pairs (strings or message lists, as
+    :func:`entangle_fast.data.load_pairs` reads them)."""
 
     name: str
     title: str
-    pairs: list[dict[str, str]]
+    pairs: list[dict]
 
 
 _SUBJECTS = ("movie", "book", "film", "story", "plot", "music", "acting", "ending")
@@ -90,62 +91,10 @@ def builtin_sets() -> list[PreferenceSet]:
     ]
 
 
-def load_pairs_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Preference pairs from a JSON-lines file: one object per line with string fields prompt, chosen, rejected.
-
-    Blank lines are skipped; other keys are ignored.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is not a JSON object with those three string fields (the message names the line), or
-            a file with no pairs.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object with prompt, chosen and rejected, "
-                                 f"got {type(obj).__name__}")
-            for key in ("prompt", "chosen", "rejected"):
-                if key not in obj:
-                    raise ValueError(f"{path} line {number}: missing key {key!r} (need prompt, chosen, rejected)")
-                if not isinstance(obj[key], str) or (key != "prompt" and not obj[key].strip()):
-                    raise ValueError(f"{path} line {number}: {key!r} must be a non-empty string")
-            pairs.append({k: obj[k] for k in ("prompt", "chosen", "rejected")})
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs (expected one JSON object per line)")
-    return pairs
-
-
-def encode_preference_batch(tokenizer, pairs: list[dict[str, str]]) -> dict[str, Tensor]:
-    """``[2B, T]`` ``input_ids``, ``attention_mask``, ``labels`` (chosen rows, then rejected rows; right padding).
-
-    Each row is the tokenizer's encoding of the prompt (with its special tokens, and ``<bos>`` put first when the
-    tokenizer has one and did not add it) followed by the response encoded without special tokens. Labels are -100
-    on the prompt and padding.
-    """
-    rows, labels = [], []
-    bos = getattr(tokenizer, "bos_token_id", None)
-    for side in ("chosen", "rejected"):
-        for ex in pairs:
-            prompt = list(tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"])
-            if bos is not None and (not prompt or prompt[0] != bos):
-                prompt = [bos] + prompt
-            response = list(tokenizer(ex[side], add_special_tokens=False)["input_ids"])
-            if not response:
-                raise ValueError(f"the {side} response {ex[side]!r} encodes to no tokens")
-            rows.append(prompt + response)
-            labels.append([IGNORE_INDEX] * len(prompt) + response)
-    return collate_rows(rows, labels, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+def encode_preference_batch(tokenizer, pairs: list[dict]) -> dict[str, Tensor]:
+    """The demo's batches: :func:`entangle_fast.data.encode_pairs` with ``eos=False`` (``[2B, T]``, chosen rows
+    first), so every response is scored as given and set (a) differs in exactly one token."""
+    return encode_pairs(tokenizer, pairs, eos=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,43 +133,21 @@ class DemoConfig:
     full_table: bool = False
 
 
-def _dtype(name: str) -> torch.dtype:
-    table = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
-
-
-def load_local_model(path: str, device: str, dtype: torch.dtype):
-    """``(model, tokenizer)`` of a local Hugging Face causal LM directory; never downloads."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"--model {path}: no such directory")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"--model {path}: not a local Hugging Face causal LM ({str(err).splitlines()[0]})") from None
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
 def build_demo(config: DemoConfig):
-    """``(model, tokenizer, sets)`` for a configuration: the built-in tiny model and sets, or the user's."""
-    dtype = _dtype(config.dtype)
-    user_pairs = load_pairs_jsonl(config.data) if config.data else None
+    """``(model, tokenizer, sets)`` for a configuration: the built-in tiny model and sets, or the user's
+    (:func:`entangle_fast.data.load_pairs`, :func:`entangle_fast.models.load_model`)."""
+    user_pairs = load_pairs(config.data) if config.data else None
     sets = builtin_sets() if user_pairs is None else \
         [PreferenceSet("data", f"{Path(config.data).name} ({len(user_pairs)} pairs)", user_pairs)]
     if config.model:
-        model, tokenizer = load_local_model(config.model, config.device, dtype)
-    else:
-        # The word tokenizer splits on whitespace and punctuation: give it every word of the data.
-        words = sorted({w for st in sets for ex in st.pairs for key in ex
-                        for w in re.findall(r"\w+|[^\w\s]", ex[key].lower())})
-        tokenizer = build_tokenizer(words)
-        size = TinyConfig(vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
-                          num_heads=4, num_kv_heads=2, intermediate_size=2 * config.hidden_size)
-        model = tiny_model("llama", size, seed=config.seed, dtype=dtype).to(config.device)
+        return (*load_model(config.model, device=config.device, dtype=config.dtype), sets)
+    # The word tokenizer splits on whitespace and punctuation: give it every word of the data.
+    words = sorted({w for st in sets for ex in st.pairs for key in ex
+                    for w in re.findall(r"\w+|[^\w\s]", pair_text(ex[key]).lower())})
+    size = TinyConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=4, num_kv_heads=2,
+                      intermediate_size=2 * config.hidden_size)
+    model, tokenizer = builtin_model("llama", device=config.device, dtype=config.dtype, seed=config.seed, cfg=size,
+                                     extra_words=words)
     return model, tokenizer, sets
 
 
@@ -497,30 +424,82 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
 
 def _run_demo(config: DemoConfig, print_fn: Callable[[str], None]) -> DemoResult:
     t0 = time.perf_counter()
-    if config.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {config.steps}")
-    if not config.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {config.lr}")
+    _check_config(config)
     torch.manual_seed(config.seed)
     model, tokenizer, sets = build_demo(config)
+    heat_set = config.heatmap_set or sets[-1].name
+    if heat_set not in {s.name for s in sets}:
+        raise ValueError(f"heatmap_set {heat_set!r} is not one of the sets {[s.name for s in sets]}")
     device = next(model.parameters()).device
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sft_steps = config.sft_steps if config.sft_steps is not None else (0 if config.model else 10)
     batches = {s.name: _to(encode_preference_batch(tokenizer, s.pairs), device) for s in sets}
+    sft_steps = config.sft_steps if config.sft_steps is not None else (0 if config.model else 10)
     all_pairs = [ex for s in sets for ex in s.pairs]
     sft_losses = supervised_finetune(model, _to(encode_preference_batch(tokenizer, all_pairs), device), sft_steps,
                                      config.sft_lr)
     model.eval()  # no dropout: each step's prediction is about the same function the next step measures
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    heat_set = config.heatmap_set or sets[-1].name
-    if heat_set not in batches:
-        raise ValueError(f"heatmap_set {heat_set!r} is not one of the sets {list(batches)}")
-
     n_params = sum(p.numel() for p in model.parameters())
-    print_fn(f"model: {config.model or 'built-in tiny Llama'} ({n_params:,} parameters, {config.dtype}); "
-             f"SFT {sft_steps} Adam steps (loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f})" if sft_losses else
-             f"model: {config.model or 'built-in tiny Llama'} ({n_params:,} parameters, {config.dtype}); no SFT")
+    _print_intro(config, n_params, sft_steps, sft_losses, print_fn)
+    log = {"config": asdict(config), "sft_steps": sft_steps, "sft_losses": sft_losses, "parameters": n_params,
+           "sets": {}, "summary": {}}
+    with _Console(print_fn, total=2 * config.steps * len(sets), progress=config.progress) as console:
+        console.emit(_table_header() if config.full_table else _summary_header())
+        heatmap = _train_sets(model, tokenizer, sets, batches, start, config, heat_set, console, log)
+    model.load_state_dict(start)
+    return _write_outputs(log, heatmap, sets, config, out_dir, t0, print_fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The demo's steps: validation, the runs, the console, the outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_config(config: DemoConfig) -> None:
+    """ValueError for settings no run can use (named as the CLI flags)."""
+    if config.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {config.steps}")
+    if not config.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {config.lr}")
+
+
+class _Console:
+    """The table printer: lines through ``print_fn``, around an optional tqdm bar on stderr."""
+
+    def __init__(self, print_fn: Callable[[str], None], *, total: int, progress: bool):
+        self.print_fn, self.total, self.progress, self.bar = print_fn, total, progress, None
+
+    def __enter__(self):
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only tear the table.
+            self.bar = tqdm(total=self.total, desc="demo", unit="step", file=sys.stderr, leave=False, disable=None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+    def emit(self, line: str) -> None:
+        if self.bar is None:
+            self.print_fn(line)
+            return
+        with self.bar.external_write_mode(file=sys.stderr):  # clear the bar, print, redraw it
+            self.print_fn(line)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _print_intro(config: DemoConfig, n_params: int, sft_steps: int, sft_losses: list[float],
+                 print_fn: Callable[[str], None]) -> None:
+    model = f"model: {config.model or 'built-in tiny Llama'} ({n_params:,} parameters, {config.dtype}); "
+    print_fn(model + (f"SFT {sft_steps} Adam steps (loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f})"
+                      if sft_losses else "no SFT"))
     print_fn(f"optimizer: plain SGD, lr {config.lr} (so the predicted change is a first-order forecast of the next step's, "
              f"cross-pair terms included; under Adam it would only indicate the direction)")
     if config.full_table:
@@ -533,74 +512,58 @@ def _run_demo(config: DemoConfig, print_fn: Callable[[str], None]) -> DemoResult
                  "chosen log-prob fell; (step, pair) counts of case 1 ideal / 2 both fall / 3 both rise; how often the "
                  "predicted change had the measured sign\n")
 
-    progress = None
-    total = 2 * config.steps * len(sets)
-    if config.progress:
-        from tqdm.auto import tqdm
 
-        # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only tear the table.
-        progress = tqdm(total=total, desc="demo", unit="step", file=sys.stderr, leave=False, disable=None)
-
-    def emit(line: str) -> None:
-        if progress is None:
-            print_fn(line)
-            return
-        with progress.external_write_mode(file=sys.stderr):  # clear the bar, print, redraw it
-            print_fn(line)
-
-    emit(_table_header() if config.full_table else _summary_header())
-    log = {"config": asdict(config), "sft_steps": sft_steps, "sft_losses": sft_losses, "parameters": n_params,
-           "sets": {}, "summary": {}}
+def _train_sets(model: nn.Module, tokenizer, sets: list[PreferenceSet], batches: dict, start: dict,
+                config: DemoConfig, heat_set: str, console: _Console, log: dict) -> dict | None:
+    """Every set under every method from the same ``start`` weights; fills ``log["sets"]`` and ``log["summary"]``
+    and returns the token heat-map of the first DPO step on ``heat_set`` (None when none was recorded)."""
     heatmap = None
-    try:
-        for s in sets:
-            batch = batches[s.name]
-            entry = {"title": s.title, "pairs": s.pairs}
-            summary = {"steps": config.steps}
-            norm_lr = config.norm_lr
-            for method in METHODS:
-                model.load_state_dict(start)
-                with torch.no_grad():
-                    ref_out = preference_logprobs(model, batch)
-                ref = (ref_out.chosen_logps.detach(), ref_out.rejected_logps.detach())
-                lr = config.lr if method == "dpo" else norm_lr
+    for s in sets:
+        batch = batches[s.name]
+        entry = {"title": s.title, "pairs": s.pairs}
+        summary = {"steps": config.steps}
+        for method in METHODS:
+            model.load_state_dict(start)
+            with torch.no_grad():
+                ref_out = preference_logprobs(model, batch)
+            ref = (ref_out.chosen_logps.detach(), ref_out.rejected_logps.detach())
+            lr = config.lr if method == "dpo" else config.norm_lr
 
-                def on_step(lg: StepLog, _name=s.name, _method=method) -> None:
-                    if config.full_table:
-                        emit(_table_row(_name, _method, lg))
-                    if progress is not None:
-                        progress.update(1)
+            def on_step(lg: StepLog, _name=s.name, _method=method) -> None:
+                if config.full_table:
+                    console.emit(_table_row(_name, _method, lg))
+                console.step()
 
-                if method == "normalized" and lr is None:
-                    lr = _matched_lr(model, batch, ref, config.beta, entry["dpo"]["steps"][0]["step_norm"])
-                token_step = 0 if (method == "dpo" and s.name == heat_set) else None
-                logs, final, tstats = preference_run(model, batch, ref, method=method, steps=config.steps, lr=lr,
-                                                     beta=config.beta, on_step=on_step, token_stats_step=token_step)
-                entry[method] = {"lr": lr, "steps": [asdict(lg) for lg in logs],
-                                 "final_chosen_logps": _floats(final[0]), "final_rejected_logps": _floats(final[1])}
-                summary[method] = _run_summary(logs, final)
-                if not config.full_table:
-                    emit(_summary_row(s.name, method, summary[method], config.steps))
-                if tstats is not None:
-                    p0 = tstats.pair(0)
-                    heatmap = {
-                        "set": s.name, "pair": 0, "step": 0,
-                        "matrix": p0["token_matrix"].double().cpu().tolist(),
-                        "chosen_tokens": _row_tokens(tokenizer, batch, 0, p0["chosen_positions"]),
-                        "rejected_tokens": _row_tokens(tokenizer, batch, len(s.pairs), p0["rejected_positions"]),
-                    }
-            log["sets"][s.name] = entry
-            log["summary"][s.name] = summary
-    finally:
-        if progress is not None:
-            progress.close()
-    model.load_state_dict(start)
+            if method == "normalized" and lr is None:
+                lr = _matched_lr(model, batch, ref, config.beta, entry["dpo"]["steps"][0]["step_norm"])
+            token_step = 0 if (method == "dpo" and s.name == heat_set) else None
+            logs, final, tstats = preference_run(model, batch, ref, method=method, steps=config.steps, lr=lr,
+                                                 beta=config.beta, on_step=on_step, token_stats_step=token_step)
+            entry[method] = {"lr": lr, "steps": [asdict(lg) for lg in logs],
+                             "final_chosen_logps": _floats(final[0]), "final_rejected_logps": _floats(final[1])}
+            summary[method] = _run_summary(logs, final)
+            if not config.full_table:
+                console.emit(_summary_row(s.name, method, summary[method], config.steps))
+            if tstats is not None:
+                p0 = tstats.pair(0)
+                heatmap = {
+                    "set": s.name, "pair": 0, "step": 0,
+                    "matrix": p0["token_matrix"].double().cpu().tolist(),
+                    "chosen_tokens": _row_tokens(tokenizer, batch, 0, p0["chosen_positions"]),
+                    "rejected_tokens": _row_tokens(tokenizer, batch, len(s.pairs), p0["rejected_positions"]),
+                }
+        log["sets"][s.name] = entry
+        log["summary"][s.name] = summary
+    return heatmap
+
+
+def _write_outputs(log: dict, heatmap: dict | None, sets: list[PreferenceSet], config: DemoConfig, out_dir: Path,
+                   t0: float, print_fn: Callable[[str], None]) -> DemoResult:
+    """The verdict, the plots and ``demo.json``; prints the verdict and the files written."""
     verdict = make_verdict(log["summary"], {s.name: s.title for s in sets})
     log["verdict"] = verdict
     log["heatmap"] = heatmap
-    plots = []
-    if config.plots:
-        plots = write_plots(log, out_dir)
+    plots = write_plots(log, out_dir) if config.plots else []
     log["plots"] = [str(p) for p in plots]
     log["seconds"] = time.perf_counter() - t0
     json_path = out_dir / "demo.json"

@@ -30,6 +30,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from entangle_fast.data import default_pairs
 from entangle_fast.monitor import EntanglementMonitor
 from entangle_fast.token_stats import OutputLayerTokenStats
 
@@ -203,8 +204,7 @@ def entanglement_token_weights(stats: OutputLayerTokenStats, width: int) -> Tens
         raise ValueError("entanglement_token_weights needs the token norms: compute the statistics with "
                          "full_matrices=True")
     b = stats.pairs.shape[0]
-    expected = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], 1)
-    if not torch.equal(stats.pairs.cpu(), expected):
+    if not torch.equal(stats.pairs.cpu(), default_pairs(2 * b)):
         raise ValueError("entanglement_token_weights expects the default pairs (row i with row B + i)")
     weights = torch.zeros(2 * b, width, dtype=stats.token_matrix.dtype, device=stats.token_matrix.device)
     for i in range(b):

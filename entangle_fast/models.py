@@ -1,4 +1,5 @@
-"""Tiny causal LMs and a word-level tokenizer built in code: the embedded defaults of the CLI, tests and examples.
+"""Models: tiny causal LMs and a word-level tokenizer built in code (the embedded defaults of the CLI, tests and
+examples), the loader of a local Hugging Face checkpoint, and the one table of dtype names.
 
 Nothing here downloads anything. The tokenizer is a ``transformers.PreTrainedTokenizerFast`` over a fixed word list
 (whitespace split, lower case), so decoded tokens read as words in tables and heat-maps.
@@ -7,8 +8,15 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+# The pairs and the encoder live in entangle_fast.data; imported here too, the path the tests and examples use.
+from entangle_fast.data import BUILTIN_PAIRS, encode_pairs  # noqa: F401
+
+# Dtype names of the CLI and the Python API (``--dtype``); "auto" (keep the checkpoint's) is handled by resolve_dtype.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
@@ -110,28 +118,72 @@ def _float64_norms(model) -> None:
             module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
 
 
-# Built-in preference pairs: the response differs in one sentiment word, with and without a shared suffix.
-BUILTIN_PAIRS = [
-    {"prompt": "review : the movie was", "chosen": "positive", "rejected": "negative"},
-    {"prompt": "review : the book was", "chosen": "good and the ending was fine", "rejected": "bad and the ending was fine"},
-    {"prompt": "overall sentiment of my review :", "chosen": "positive because the acting was great and the music was very good",
-     "rejected": "negative because the acting was great and the music was very good"},
-]
+# ----------------------------------------------------------------------------------------------------------------------
+# Device, dtype and loading
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def encode_pairs(tokenizer, pairs: list[dict], *, max_length: int | None = None) -> dict:
-    """``[2B, T]`` ``input_ids``, ``attention_mask`` and ``labels`` (TRL's concatenated layout, right padding).
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """A ``torch.dtype`` from a name of :data:`DTYPES` (or a ``torch.dtype`` as it is); ``"auto"`` gives None (keep
+    the checkpoint's dtype).
 
-    Each row is ``<bos> prompt response <eos>``; labels are -100 on the prompt, ``<bos>`` and padding.
+    Raises:
+        ValueError: an unknown name.
     """
-    rows, labels = [], []
-    for side in ("chosen", "rejected"):
-        for ex in pairs:
-            prompt = [tokenizer.bos_token_id] + tokenizer.encode(ex["prompt"], add_special_tokens=False)
-            response = tokenizer.encode(ex[side], add_special_tokens=False) + [tokenizer.eos_token_id]
-            ids = (prompt + response)[:max_length] if max_length else prompt + response
-            rows.append(ids)
-            labels.append(([-100] * len(prompt) + response)[: len(ids)])
-    from entangle_fast.preference import collate_rows
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
-    return collate_rows(rows, labels, tokenizer.pad_token_id)
+
+def resolve_device(device="auto") -> torch.device:
+    """``"auto"``: the first CUDA device when there is one, else the CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def load_model(path, *, device="auto", dtype="auto"):
+    """``(model, tokenizer)`` from a local Hugging Face folder (``AutoModelForCausalLM``/``AutoTokenizer``, local files
+    only, never a download), in eval mode on ``device``; ``dtype="auto"`` keeps the checkpoint's dtype.
+
+    Raises:
+        FileNotFoundError: the path does not exist. ValueError: it holds no loadable causal LM and tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist: no such directory (--model takes a local "
+                                "Hugging Face folder)")
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                     dtype=torch_dtype if torch_dtype is not None else "auto")
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot load a causal LM and its tokenizer from {str(path)!r}: {first}") from None
+    return model.to(dev).eval(), tokenizer
+
+
+def builtin_model(arch: str = "llama", *, device="auto", dtype="auto", seed: int = 0, cfg: TinyConfig | None = None,
+                  extra_words=()):
+    """``(model, tokenizer)``: :func:`tiny_model` and :func:`build_tokenizer` (``extra_words`` added), in eval mode on
+    ``device``; ``cfg`` defaults to :class:`TinyConfig` sized to the tokenizer (its ``vocab_size`` is always set to
+    the tokenizer's); ``dtype="auto"`` is float32."""
+    tokenizer = build_tokenizer(extra_words)
+    cfg = TinyConfig() if cfg is None else cfg
+    cfg = TinyConfig(**{**cfg.__dict__, "vocab_size": len(tokenizer)})
+    model = tiny_model(arch, cfg, seed=seed, dtype=resolve_dtype(dtype) or torch.float32)
+    return model.to(resolve_device(device)).eval(), tokenizer

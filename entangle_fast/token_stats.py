@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from entangle_fast.data import default_pairs
 from entangle_fast.logit_transform import IDENTITY, LogitTransform
 
 
@@ -95,13 +96,7 @@ class OutputLayerTokenStats:
 def resolve_pairs(pairs: Tensor | list | None, num_rows: int, device: torch.device) -> Tensor:
     """``[P, 2]`` int64 pairs of rows; default TRL's layout: row i (chosen) with row B + i (rejected), 2B rows."""
     if pairs is None:
-        if num_rows % 2:
-            raise ValueError(
-                f"default pairing needs an even number of rows (chosen rows 0..B-1, rejected rows B..2B-1); got "
-                f"{num_rows} rows: pass pairs= explicitly"
-            )
-        b = num_rows // 2
-        return torch.stack([torch.arange(b), torch.arange(b, 2 * b)], dim=1).to(device)
+        return default_pairs(num_rows, device)
     pairs = torch.as_tensor(pairs, dtype=torch.long, device=device)
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must have shape [P, 2] (chosen row, rejected row); got {tuple(pairs.shape)}")

@@ -19,7 +19,8 @@ import torch
 from entangle_fast import preference_logprobs
 from entangle_fast.integrations.distributed import entanglement_metrics
 from entangle_fast.losses import preference_loss
-from entangle_fast.models import BUILTIN_PAIRS, build_tokenizer, encode_pairs, tiny_model
+from entangle_fast.data import BUILTIN_PAIRS, encode_pairs
+from entangle_fast.models import build_tokenizer, tiny_model
 from entangle_fast.monitor import EntanglementMonitor
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from entangle_fast import cli
-from entangle_fast.demo import DemoConfig, builtin_sets, encode_preference_batch, load_pairs_jsonl, run_demo
+from entangle_fast.data import load_pairs
+from entangle_fast.demo import DemoConfig, builtin_sets, encode_preference_batch, run_demo
 from entangle_fast.models import TinyConfig, build_tokenizer, tiny_model
 
 
@@ -116,7 +117,7 @@ def test_malformed_jsonl_names_the_line(demo_cli, tmp_path, capsys, bad_line, me
     err = capsys.readouterr().err
     assert "line 3" in err and message in err, err
     with pytest.raises(ValueError, match="line 3"):
-        load_pairs_jsonl(data)
+        load_pairs(data)
 
 
 def test_missing_and_empty_data_files(demo_cli, tmp_path, capsys):
@@ -124,7 +125,7 @@ def test_missing_and_empty_data_files(demo_cli, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="no preference pairs"):
-        load_pairs_jsonl(tmp_path / "empty.jsonl")
+        load_pairs(tmp_path / "empty.jsonl")
 
 
 def test_user_model_and_data_run_end_to_end(demo_cli, tmp_path, capsys):

@@ -87,7 +87,7 @@ def test_token_matrix_chunks_blocks_and_explicit_path(monkeypatch):
     tw, tl = want.shape
     assert small.token_backwards == tl + tw * tl
     assert_exact64(small.matrix, want, name="one-token chunks and blocks")
-    monkeypatch.setattr(profile_mod, "LINEAR_PATH", "explicit")
+    monkeypatch.setattr(profile_mod.engine, "LINEAR_PATH", "explicit")
     explicit = per_token_matrix(model, batch, chunk_tokens=3)
     assert "explicit" in explicit.paths.values()
     assert_exact64(explicit.matrix, want, name="explicit path")
@@ -140,9 +140,9 @@ def test_sketch_mode_is_unbiased_and_exact_elsewhere():
 def test_auto_mode_switches_to_sketch_for_long_responses(monkeypatch):
     model = tiny_model("llama", TINY)
     batch = pair_batch(2)
-    monkeypatch.setattr(profile_mod, "AUTO_SKETCH_TOKENS", 4)
+    monkeypatch.setattr(profile_mod.engine, "AUTO_SKETCH_TOKENS", 4)
     assert per_token_matrix(model, batch, mode="auto").mode == "sketch"
-    monkeypatch.setattr(profile_mod, "AUTO_SKETCH_TOKENS", 256)
+    monkeypatch.setattr(profile_mod.engine, "AUTO_SKETCH_TOKENS", 256)
     assert per_token_matrix(model, batch, mode="auto").mode == "exact"
 
 

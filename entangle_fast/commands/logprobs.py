@@ -15,7 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from entangle_fast.models import BUILTIN_PAIRS, TinyConfig, build_tokenizer, encode_pairs, tiny_model
+    from entangle_fast.data import BUILTIN_PAIRS, encode_pairs
+    from entangle_fast.models import TinyConfig, build_tokenizer, tiny_model
     from entangle_fast.preference import preference_logprobs
 
     tokenizer = build_tokenizer()

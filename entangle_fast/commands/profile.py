@@ -39,8 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from entangle_fast.models import BUILTIN_PAIRS
-    from entangle_fast.profile import builtin_model, load_model, load_pairs, run_profile
+    from entangle_fast.data import BUILTIN_PAIRS, load_pairs
+    from entangle_fast.models import builtin_model, load_model
+    from entangle_fast.profile import run_profile
 
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be at least 1, got {args.max_pairs}")
