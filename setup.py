@@ -34,11 +34,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # Every subpackage of entangle_fast/, plus kernels/ installed under it.
-    packages=find_packages(include=["entangle_fast", "entangle_fast.*"]) + ["entangle_fast.kernels", "entangle_fast.csrc"],
-    package_dir={"entangle_fast": "entangle_fast", "entangle_fast.kernels": "kernels", "entangle_fast.csrc": "csrc"},
-    # The CUDA sources travel in the wheel for the just-in-time build (no compiled code, no CUDA needed to install).
-    package_data={"entangle_fast.csrc": ["*.cu", "*.cuh", "*.cpp"]},
+    # Every subpackage of entangle_fast/, plus kernels/, csrc/ and benchmarks/ installed under it.
+    packages=find_packages(include=["entangle_fast", "entangle_fast.*"])
+    + ["entangle_fast.kernels", "entangle_fast.csrc", "entangle_fast.benchmarks"],
+    package_dir={"entangle_fast": "entangle_fast", "entangle_fast.kernels": "kernels", "entangle_fast.csrc": "csrc",
+                 "entangle_fast.benchmarks": "benchmarks"},
+    # The CUDA sources travel in the wheel for the just-in-time build (no compiled code, no CUDA needed to install);
+    # the benchmark suites (pytest files and their helpers) for `entangle-fast bench` from an installed wheel
+    # (entangle_fast.bench.benchmarks_dir), without the committed results.
+    package_data={"entangle_fast.csrc": ["*.cu", "*.cuh", "*.cpp"], "entangle_fast.benchmarks": ["*.py"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

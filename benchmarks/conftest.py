@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the suites import presets/cases as top-level modules (also under --import-mode=importlib)
@@ -82,18 +83,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def _selected_cases(session) -> list[cases.Case]:
-    out = []
-    for item in session.items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        out += [v for v in params.values() if isinstance(v, cases.Case)]
-    return out
-
-
 @pytest.fixture(scope="session")
 def bench_preset(request) -> presets.Preset:
     """The preset this session runs."""
     return request.config.stash[_PRESET]
+
+
+@pytest.fixture(scope="session")
+def bench_device(bench_preset) -> torch.device:
+    """Where the preset runs (``auto``: CUDA when visible), queried at run time."""
+    return cases.resolve_device(bench_preset.device)
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +101,5 @@ def bench(request) -> cases.SuiteRunner:
     config = request.config
     if _RUNNER not in config.stash:
         preset = config.stash[_PRESET]
-        device = cases.resolve_device(preset.device)
-        config.stash[_RUNNER] = cases.SuiteRunner(preset, device, _selected_cases(request.session))
+        config.stash[_RUNNER] = cases.SuiteRunner(preset, cases.resolve_device(preset.device))
     return config.stash[_RUNNER]

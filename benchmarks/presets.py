@@ -135,24 +135,16 @@ class MonitorCase:
 
     @property
     def id(self) -> str:
-        return f"monitor-{self.mode}-{self.shape.name}"
+        return self.describe()["id"]
 
     def describe(self) -> dict:
-        return {"id": self.id, "kind": "monitor", "group": f"monitor:step [{self.shape.name}]", "impl": self.mode,
-                "pass": "step", "shape": self.shape.name, "shape_params": self.shape.to_dict(),
-                "dtype": self.shape.dtype}
+        return describe_case("monitor", self.mode, "step", self.shape.name, self.shape.to_dict(), self.shape.dtype)
 
 
-SHAPE_TYPES = {"logprobs": LogprobShape, "token_stats": StatsShape, "matmul": MatmulShape,
-               "monitor": MonitorShape}
-
-
-def shape_from_dict(kind: str, d: dict):
-    d = dict(d)
-    for key in ("passes", "impls", "modes"):
-        if d.get(key) is not None:
-            d[key] = tuple(d[key])
-    return SHAPE_TYPES[kind](**d)
+def describe_case(kind: str, impl: str, pass_: str, shape: str, shape_params: dict, dtype: str) -> dict:
+    """What every suite's case is filed under in the run JSON (results and skips alike): one layout for all."""
+    return {"id": f"{kind}-{pass_}-{impl}-{shape}", "kind": kind, "group": f"{kind}:{pass_} [{shape}]", "impl": impl,
+            "pass": pass_, "shape": shape, "shape_params": shape_params, "dtype": dtype}
 
 
 @dataclass(frozen=True)

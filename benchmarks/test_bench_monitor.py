@@ -11,23 +11,28 @@ Shapes come from the preset (``monitor`` field of ``presets.py``): ``cpu`` a tin
 ``gpu`` a 1B-class Llama at 1024 response tokens in bf16 (skipped where no CUDA device is visible), ``smoke`` a toy
 config run once. Every mode of a shape builds the same seeded model and batch.
 
-Measured and recorded like the other suites (``extra_info`` and the ``entangle_fast_bench_result`` user property):
-``time_ms``, the median step time (CUDA synchronised; on CPU also the process CPU time), and ``peak_memory_bytes``,
-the peak over one step minus what was allocated before it (CUDA ``max_memory_allocated``; on Linux CPUs the peak
-resident set after a warm-up step, in this process). ``entangle-fast bench`` turns them into the ratios exact / off,
-sketch / off and the baseline's overhead over the monitor's.
+Timed, measured and recorded with the suites' one harness (``harness.py``): ``time_ms`` the median step time,
+``peak_memory_bytes`` the peak over one warm step minus what was allocated (CUDA) or resident (CPU) before it.
+``RATIOS`` below: exact / off, exact-autograd / off, sketch / off, and the baseline's overhead over the monitor's.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
-from cases import rss_peak_extra
+from harness import Result, Timer, peak_memory
 
-RESULT_KEY = "entangle_fast_bench_result"  # the suites' user_properties key (benchmarks/cases.py)
+from entangle_fast.bench import Ratio
+
 BETA = 0.1
+MONITORED = ("exact", "exact-autograd", "sketch")
+RATIOS = [
+    r for mode in MONITORED for r in (
+        Ratio("monitor", mode, "off", "time", f"{mode} / off step time", "lower", True),
+        Ratio("monitor", mode, "off", "memory", f"{mode} / off peak memory", "lower"),
+        Ratio("monitor", "explicit - off", f"{mode} - off", "time", f"two-extra-backward overhead / {mode} overhead",
+              "higher", mode == "exact"),
+    )
+] + [Ratio("monitor", "explicit", "off", "time", "explicit / off step time", "lower")]
 
 
 def _build(shape, device):
@@ -80,71 +85,17 @@ def step(model, batch, mode: str, sketch_dim: int):
     raise ValueError(f"unknown monitor benchmark mode {mode!r}")
 
 
-def peak_extra(fn, device) -> tuple[int | None, str, str | None]:
-    """``(bytes, method, error)``: the peak of ``fn()`` over what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before, "cuda-max-memory-allocated", None
-    try:
-        return rss_peak_extra(fn), "linux-vmhwm-in-process", None
-    except (OSError, KeyError) as exc:
-        return None, "linux-vmhwm-in-process", f"no resettable peak resident set here: {exc}"
-
-
-def _environment(device) -> dict:
-    cuda = device.type == "cuda"
-    return {"gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
-            "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads()}
-
-
-def test_monitor_step(benchmark, monitor_case, bench_preset, record_property):
-    shape, mode = monitor_case.shape, monitor_case.mode
-    device = torch.device("cuda" if bench_preset.device == "cuda" else "cpu")
-    if bench_preset.device == "auto" and torch.cuda.is_available():
-        device = torch.device("cuda")
+def test_monitor_step(benchmark, monitor_case, bench_preset, bench_device, record_property):
+    shape, mode, device = monitor_case.shape, monitor_case.mode, bench_device
     model, batch = _build(shape, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     step(model, batch, mode, shape.sketch_dim)  # warm-up: lazy imports, allocator growth, kernel compilation
-    peak, method, error = peak_extra(lambda: step(model, batch, mode, shape.sketch_dim), device)
-
-    wall, cpu = [], []
-
-    def timed():
-        sync()
-        c0, t0 = time.process_time(), time.perf_counter()
-        measured = step(model, batch, mode, shape.sketch_dim)
-        sync()
-        wall.append(1e3 * (time.perf_counter() - t0))
-        cpu.append(1e3 * (time.process_time() - c0))
-        return measured
-
+    timer = Timer(device)
     rounds = 1 if benchmark.disabled else max(3, bench_preset.rounds)
     benchmark.group = monitor_case.describe()["group"]
-    measured = benchmark.pedantic(timed, rounds=rounds, iterations=1)
+    measured = benchmark.pedantic(lambda: timer(step, model, batch, mode, shape.sketch_dim), rounds=rounds,
+                                  iterations=1)
     if measured is not None:
         assert torch.isfinite(measured).all(), f"{mode}: non-finite cosine {measured}"
-    result = {
-        **monitor_case.describe(),
-        "device": device.type,
-        "time_ms": statistics.median(wall),
-        "time_ms_min": min(wall),
-        "time_ms_max": max(wall),
-        "rounds": len(wall),
-        "samples_ms": wall,
-        "timer": "cuda-synchronize" if device.type == "cuda" else "perf-counter",
-        "cpu_time_ms": statistics.median(cpu) if device.type == "cpu" else None,
-        "peak_memory_bytes": peak,
-        "memory_method": method,
-        "memory_error": error,
-        "flops": None,
-        "tflops": None,
-        "params": sum(p.numel() for p in model.parameters()),
-        "environment": _environment(device),
-    }
-    benchmark.extra_info.update({k: v for k, v in result.items() if k != "samples_ms"})
-    record_property(RESULT_KEY, result)
-
+    _, memory = peak_memory(lambda: step(model, batch, mode, shape.sketch_dim), device)
+    Result(monitor_case.describe(), device.type, timer.samples, timer.name, memory, cpu_ms=timer.cpu_ms,
+           extra={"params": sum(p.numel() for p in model.parameters())}).record(benchmark, record_property)

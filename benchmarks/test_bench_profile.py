@@ -6,30 +6,34 @@ paper's procedure: one ``retain_graph`` backward per response token through the 
 gradient flattened. It streams: the chosen tokens' flattened gradients are kept (T_w x n_params floats), then each
 rejected token takes one backward and a matrix-vector product with them. Where memory cannot hold all chosen
 gradients (half of MemAvailable, less a margin), they are kept in blocks and the rejected backwards repeat per block;
-``baseline_backwards`` in the JSON says how many ran, and the speed-up is taken against ``single_pass_seconds``, the
-measured time less the repeated rejected backwards (what one block would have cost; the dot products total the same).
+``baseline_backwards`` in the result says how many ran, and the baseline's ``time_ms`` is its single-pass time, the
+measured time (``measured_ms``) less the repeated rejected backwards (what one block would have cost; the dot
+products total the same).
 
 Shapes: ``smoke`` (``--benchmark-disable``) a tiny GPT-2, float64, checked against the float64 baseline to 1e-9;
 ``cpu``/``gpu`` a GPT-2-small-shaped model (n_embd 768, 12 layers, 12 heads, vocab 50257, random init from a
 config), a 16-token prompt and 32-token responses, float32. Ours runs ``rounds`` times around the single baseline
-run (before and after it, so a change of machine load shows); the speed-up is baseline time / our median. Non-smoke
-runs write ``benchmarks/results/profile-<device>-<date>.json`` (machine, shapes, times, ratio, agreement).
+run (before and after it, so a change of machine load shows). Both are recorded with the suites' one harness
+(``harness.py``) as results of kind ``profile`` in the run file: ``per-token-matrix`` (ours) and ``paper-loop``
+(``time_ms`` its single-pass time; the measured time, the blocks and the agreement ride along), and ``RATIOS``
+declares the speed-up, paper-loop / per-token-matrix time.
 """
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import torch
+from harness import Result, Timer, peak_memory
+from presets import describe_case
 
-# `entangle-fast bench` points this at its --out folder; run directly, the suite writes beside the committed runs.
-RESULTS = Path(os.environ.get("ENTANGLE_FAST_BENCH_OUT") or Path(__file__).resolve().parent / "results")
+from entangle_fast.bench import Ratio
+
+OURS, BASELINE = "per-token-matrix", "paper-loop"
+RATIOS = [Ratio("profile", BASELINE, OURS, "time", "paper's per-token loop / per_token_matrix time (speed-up)",
+                "higher", True),
+          Ratio("profile", BASELINE, OURS, "memory", "paper's per-token loop / per_token_matrix peak memory",
+                "higher")]
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,6 @@ SHAPES = {
     "cpu": ProfileShape(768, 12, 12, 50257, 16, 32, "float32", 5),
     "gpu": ProfileShape(768, 12, 12, 50257, 16, 32, "float32", 5),
 }
-
-
-def _preset(config) -> str:
-    name = config.getoption("--bench-preset", default=None) or os.environ.get("ENTANGLE_FAST_BENCH_PRESET")
-    if not name:
-        name = "smoke" if config.getoption("benchmark_disable", default=False) else "cpu"
-    return name
 
 
 def _mem_available() -> int | None:
@@ -93,21 +90,10 @@ def _build(shape: ProfileShape, device: torch.device):
     return model, {k: v.to(device) for k, v in batch.items()}
 
 
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
-def test_profile_token_matrix_vs_paper_loop(benchmark, request, record_property):
-    from entangle_fast.bench import machine_info
+def test_profile_token_matrix_vs_paper_loop(benchmark, bench_preset, record_property):
     from entangle_fast.profile import per_token_matrix, per_token_matrix_baseline
 
-    preset = _preset(request.config)
+    preset = bench_preset.name
     if preset not in SHAPES:
         pytest.skip(f"preset {preset!r} has no profiler shape (it measures the log-prob op only)")
     shape = SHAPES[preset]
@@ -122,66 +108,47 @@ def test_profile_token_matrix_vs_paper_loop(benchmark, request, record_property)
         available = _mem_available()
         if available is not None:
             budget = max(row_bytes, available // 2 - (2 << 30))
-    load_start = os.getloadavg()
 
-    ours_times: list[float] = []
-
-    def ours():
-        result, seconds = _timed(lambda: per_token_matrix(model, batch), device)
-        ours_times.append(seconds)
-        return result
-
+    ours_timer, base_timer = Timer(device), Timer(device)
     if preset != "smoke":  # warm-up, not timed
         per_token_matrix(model, batch)
     half = max(1, shape.rounds // 2)
-    fast = benchmark.pedantic(ours, rounds=half, iterations=1)
+    fast = benchmark.pedantic(lambda: ours_timer(per_token_matrix, model, batch), rounds=half, iterations=1)
     timings: dict = {}
-    base, base_seconds = _timed(lambda: per_token_matrix_baseline(model, batch, memory_budget=budget,
-                                                                  timings=timings), device)
+    base, base_memory = peak_memory(lambda: base_timer(lambda: per_token_matrix_baseline(
+        model, batch, memory_budget=budget, timings=timings)), device)
     for _ in range(shape.rounds - half):
-        ours()
+        ours_timer(per_token_matrix, model, batch)
+    _, ours_memory = peak_memory(lambda: per_token_matrix(model, batch), device)
 
     err = ((fast.matrix - base).abs().max() / base.abs().max()).item()
     tw, tl = base.shape
     blocks = timings["blocks"]
     # With several chosen blocks the rejected backwards ran once per block; the paper's single pass would have run
     # them once (the dot products total the same either way).
-    single_pass = base_seconds - timings["rejected_seconds"] * (blocks - 1) / blocks
-    median = statistics.median(ours_times)
-    result = {
-        "kind": "profile_token_matrix",
-        "preset": preset,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": list(load_start),
-        "shape": asdict(shape) | {"name": shape.name, "n_params": n_params, "chosen_tokens": tw,
-                                  "rejected_tokens": tl, "device": device.type},
-        "ours": {"impl": "entangle_fast.profile.per_token_matrix", "seconds": ours_times, "median_s": median,
-                 "min_s": min(ours_times), "batched_backwards": fast.batched_backwards,
-                 "token_backwards": fast.token_backwards},
-        "baseline": {"impl": "entangle_fast.profile.per_token_matrix_baseline (paper's per-token loop, streamed)",
-                     "seconds": base_seconds, "single_pass_seconds": single_pass, "memory_budget_bytes": budget,
-                     "held_gradient_bytes": timings["chosen_block"] * row_bytes,
-                     "baseline_backwards": timings["backwards"], **timings},
-        "speedup_vs_median": single_pass / median,
-        "speedup_vs_min": single_pass / min(ours_times),
-        "speedup_measured_vs_median": base_seconds / median,
-        "max_rel_error": err,
-    }
-    benchmark.extra_info.update({k: result[k] for k in ("speedup_vs_median", "max_rel_error")})
-    record_property("entangle_fast_profile_result", result)
+    (base_ms,) = base_timer.samples
+    single_pass_ms = base_ms - 1e3 * timings["rejected_seconds"] * (blocks - 1) / blocks
+    params = asdict(shape) | {"n_params": n_params, "chosen_tokens": tw, "rejected_tokens": tl}
+    agreement = {"max_rel_error": err}
     if shape.dtype != "float64":
-        result["float64_check"] = _float64_check(model, batch, fast.matrix, base, budget)
-    print(json.dumps({k: result[k] for k in ("shape", "speedup_vs_median", "max_rel_error")}, indent=1))
-    if preset != "smoke":
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now().strftime("%Y-%m-%dT%H%M")
-        path = RESULTS / f"profile-{device.type}-{stamp}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        agreement["float64_check"] = _float64_check(model, batch, fast.matrix, base, budget)
+
+    def describe(impl):
+        return describe_case("profile", impl, "token-matrix", shape.name, params, shape.dtype)
+
+    Result(describe(OURS), device.type, ours_timer.samples, ours_timer.name, ours_memory, cpu_ms=ours_timer.cpu_ms,
+           extra={"batched_backwards": fast.batched_backwards, "token_backwards": fast.token_backwards, **agreement}
+           ).record(benchmark, record_property)
+    Result(describe(BASELINE), device.type, [single_pass_ms], base_timer.name, base_memory, cpu_ms=base_timer.cpu_ms,
+           extra={"measured_ms": base_ms, "memory_budget_bytes": budget,
+                  "held_gradient_bytes": timings["chosen_block"] * row_bytes,
+                  "baseline_backwards": timings["backwards"],
+                  "timings": timings, "speedup_vs_min": single_pass_ms / min(ours_timer.samples), **agreement}
+           ).record(None, record_property)  # the run file; extra_info holds ours
     if shape.dtype == "float64":
         assert err <= 1e-9, f"token matrices differ: max relative error {err:.3e}"
     else:  # STYLE.md's rule: against a float64 truth, ours may err at most 2x the plain PyTorch computation's error
-        check = result["float64_check"]
+        check = agreement["float64_check"]
         assert check["ours_error"] <= 2 * check["baseline_error"] + 1e-6 * check["scale"], check
 
 

@@ -8,39 +8,33 @@ Implementations, side by side in one run (``impl`` in the results, ``kind`` is `
 Shapes: ``cpu-tiny`` (the built-in tiny Llama and pairs, float32, seconds) and ``gpu`` (a 0.3B-parameter Llama-shaped
 model in bfloat16 on 512-token pairs), skipped with its reason where no CUDA device is visible.
 
-Measured, and recorded like the other suites' results (``extra_info`` and the ``entangle_fast_bench_result`` user
-property, which ``entangle-fast bench`` writes to ``benchmarks/results/``):
+Timed, measured and recorded with the suites' one harness (``harness.py``):
 - ``time_ms``: median over rounds of the mean optimizer-step time, from the steps after the first ``warmup`` of each
-  ``trainer.train()`` round, timed by a callback at step begin/end (CUDA synchronised), so trainer start-up is not
+  ``trainer.train()`` round, timed by a callback at step begin/end (CUDA events on a GPU), so trainer start-up is not
   counted; ``steps_per_s`` is its inverse.
-- ``peak_memory_bytes``: CUDA, ``max_memory_allocated`` over one ``train()`` minus what was allocated before it. CPU
-  (Linux), the peak resident set (``/proc/self/clear_refs``, ``VmHWM``) over one ``train()`` minus the resident set
-  before it: in a fresh subprocess per implementation (this file as a script) when timing, in this process (after a
-  warm-up ``train()``) under ``--benchmark-disable``.
+- ``peak_memory_bytes``: the peak over one warm ``train()`` minus what was allocated (CUDA) or resident (CPU) before.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import statistics
-import subprocess
-import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pytest
+import torch
+from harness import Result, Timer, peak_memory
+from presets import describe_case
 
-pytest.importorskip("trl", reason="requires_trl: pip install entangle-fast[trl]")
+from entangle_fast.bench import Ratio
 
-import torch  # noqa: E402
-from cases import rss_peak_extra  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-RESULT_KEY = "entangle_fast_bench_result"  # the suites' user_properties key (benchmarks/cases.py)
 IMPLS = ("trl", "entangled_off", "entangled")
+RATIOS = [
+    r for ours in ("entangled", "entangled_off") for r in (
+        Ratio("trainer", ours, "trl", "time", f"{ours} / trl time per step", "lower", ours == "entangled"),
+        Ratio("trainer", "trl", ours, "memory", f"trl / {ours} peak memory", "higher", ours == "entangled"),
+    )
+]
 
 
 @dataclass(frozen=True)
@@ -78,12 +72,10 @@ class TrainerCase:
 
     @property
     def id(self) -> str:
-        return f"trainer-{self.shape.name}-{self.impl}"
+        return self.describe()["id"]
 
     def describe(self) -> dict:
-        return {"id": self.id, "kind": "trainer", "group": f"trainer-{self.shape.name}", "impl": self.impl,
-                "pass": "train_step", "shape": self.shape.name, "shape_params": asdict(self.shape),
-                "dtype": self.shape.dtype}
+        return describe_case("trainer", self.impl, "train_step", self.shape.name, asdict(self.shape), self.shape.dtype)
 
 
 def _records(shape: TrainerShape) -> list[dict]:
@@ -103,7 +95,8 @@ def _records(shape: TrainerShape) -> list[dict]:
 
 
 class StepTimer:
-    """Per optimizer step wall time (CUDA synchronised), through the public callback API."""
+    """Times each optimizer step with the harness's :class:`Timer`, through the public callback API; ``steps`` holds
+    the global step of each sample."""
 
     def __init__(self, device: str):
         from transformers import TrainerCallback
@@ -112,18 +105,13 @@ class StepTimer:
 
         class _Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                timer._sync()
-                timer._start = time.perf_counter()
+                timer.timer.start()
 
             def on_step_end(self, args, state, control, **kwargs):
-                timer._sync()
-                timer.times.append((state.global_step, time.perf_counter() - timer._start))
+                timer.timer.stop()
+                timer.steps.append(state.global_step)
 
-        self.device, self.times, self.callback = device, [], _Callback()
-
-    def _sync(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        self.timer, self.steps, self.callback = Timer(device), [], _Callback()
 
 
 def build_trainer(case: TrainerCase, outdir: str):
@@ -161,47 +149,6 @@ def build_trainer(case: TrainerCase, outdir: str):
     return trainer, timer
 
 
-def measure_peak(case: TrainerCase, trainer, fresh_process: bool) -> tuple[int | None, str, str | None]:
-    """``(peak extra bytes, method, error)`` of one ``train()``."""
-    if case.shape.device == "cuda":
-        trainer.train()  # warm: kernels, allocator pools
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before, "cuda-max-memory-allocated", None
-    if not Path("/proc/self/clear_refs").exists():
-        return None, "linux-vmhwm", "no resettable peak resident set on this platform"
-    if not fresh_process:
-        trainer.train()  # warm: lazy imports, thread pools and allocator growth are not charged
-        return rss_peak_extra(trainer.train), "linux-vmhwm-in-process", None
-    out = subprocess.run([sys.executable, __file__, "--peak", case.shape.name, case.impl], capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    if out.returncode != 0:
-        return None, "linux-vmhwm", f"probe failed: {out.stderr[-500:]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"], "linux-vmhwm", None
-
-
-def _probe(shape_name: str, impl: str) -> None:
-    import tempfile
-
-    case = TrainerCase(next(s for s in SHAPES if s.name == shape_name), impl)
-    with tempfile.TemporaryDirectory() as outdir:
-        trainer, _ = build_trainer(case, outdir)
-        trainer.train()
-        print(json.dumps({"peak_bytes": rss_peak_extra(trainer.train)}))
-
-
-def _environment() -> dict:
-    import trl
-
-    cuda = torch.cuda.is_available()
-    return {"gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
-            "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads(),
-            "trl": trl.__version__}
-
-
 def _cases():
     for shape in SHAPES:
         marks = []
@@ -215,41 +162,17 @@ def _cases():
 
 @pytest.mark.parametrize("case", list(_cases()))
 def test_trainer_step(benchmark, case, tmp_path, record_property):
+    pytest.importorskip("trl", reason="requires_trl: pip install entangle-fast[trl]")
     trainer, timer = build_trainer(case, str(tmp_path))
-    benchmark.group = f"trainer-{case.shape.name}"
-    peak, method, error = measure_peak(case, trainer, fresh_process=not benchmark.disabled)
-    timer.times.clear()
+    benchmark.group = case.describe()["group"]
     rounds = 1 if benchmark.disabled else 3
     benchmark.pedantic(trainer.train, rounds=rounds, iterations=1)
+    times, steps = timer.timer.samples, timer.steps
     samples = []  # per round: mean time of the steps past the warm-up ones, ms
     for r in range(rounds):
-        steps = timer.times[r * case.shape.steps:(r + 1) * case.shape.steps]
-        steady = [t for step, t in steps if step > case.shape.warmup]
-        samples.append(1e3 * sum(steady) / len(steady))
-    median = statistics.median(samples)
-    result = {
-        **case.describe(),
-        "device": case.shape.device,
-        "time_ms": median,
-        "time_ms_min": min(samples),
-        "time_ms_max": max(samples),
-        "rounds": len(samples),
-        "samples_ms": samples,
-        "timer": "cuda-synchronize" if case.shape.device == "cuda" else "perf-counter",
-        "peak_memory_bytes": peak,
-        "memory_method": method,
-        "memory_error": error,
-        "flops": None,
-        "tflops": None,
-        "steps_per_s": 1e3 / median,
-        "environment": _environment(),
-    }
-    benchmark.extra_info.update({k: v for k, v in result.items() if k != "samples_ms"})
-    record_property(RESULT_KEY, result)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--peak":
-        _probe(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit("usage: pytest benchmarks/test_bench_trainer.py   (internally: --peak SHAPE IMPL)")
+        window = range(r * case.shape.steps, (r + 1) * case.shape.steps)
+        steady = [times[i] for i in window if steps[i] > case.shape.warmup]
+        samples.append(sum(steady) / len(steady))
+    _, memory = peak_memory(trainer.train, case.shape.device)  # one more, warm, train()
+    Result(case.describe(), case.shape.device, samples, timer.timer.name, memory,
+           extra={"steps_per_s": 1e3 / statistics.median(samples)}).record(benchmark, record_property)

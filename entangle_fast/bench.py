@@ -1,6 +1,7 @@
 """Benchmark runs: presets through pytest-benchmark, one JSON per run, a Markdown summary of ratios, plots, comparison.
 
-The suites live in the source checkout's ``benchmarks/`` folder (pytest files, not part of the installed package);
+The suites are the pytest files of ``benchmarks/`` (installed with the package as ``entangle_fast/benchmarks/``,
+:func:`benchmarks_dir`); each declares its ratios beside its cases (a ``RATIOS`` list of :class:`Ratio`).
 :func:`run_preset` runs them in this process with ``pytest.main`` and a collector plugin that gathers each case's
 result (recorded by the suite as a ``user_properties`` entry), every skip with its reason and every failure. The run
 file written from that is the unit everything else reads:
@@ -32,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SCHEMA_VERSION = 1
-RESULT_KEY = "entangle_fast_bench_result"  # the suites' user_properties key (benchmarks/cases.py)
+RESULT_KEY = "entangle_fast_bench_result"  # the user_properties key every suite records its results under
 FLOPS_FORMULA = ("log-prob op: forward 2NVd, backward 4NVd + 2NVd logit recompute, full step 8NVd, charged to every "
                  "implementation alike (work-normalised TFLOP/s); token stats: full step 8NVd, statistics only 6NVd, "
                  "LM-head matmul 2NVd, per-token loop none; matmul 2mkn")
@@ -67,7 +68,6 @@ RATIO_SCHEMA = {
 }
 SMOKE_LABEL = "smoke: not a measurement"
 DEFAULT_OUT = "entangle-bench"
-OUT_ENV = "ENTANGLE_FAST_BENCH_OUT"  # where a suite writing its own files (the profile suite) puts them during a run
 MACHINE_KEYS = ("cpu", "cores", "gpu", "torch", "triton", "cuda", "python", "platform")
 
 
@@ -194,103 +194,106 @@ def machine_slug(machine: dict, device: str) -> str:
 # Ratios.
 
 
-def _ours(impl: str) -> bool:
-    return impl.startswith("ours-")
+@dataclass(frozen=True)
+class Ratio:
+    """One ratio a suite reports, declared beside its cases (the suite's ``RATIOS`` list): ``numerator /
+    denominator`` of one ``metric`` between two implementations measured at the same (op, shape, pass) of one run.
+
+    ``numerator``/``denominator``: an implementation (``impl`` of the results), or ``"a - b"``, the difference of two
+    implementations' measurements (an overhead). ``metric``: ``"time"`` (median ms), ``"memory"`` (peak extra bytes)
+    or ``"working-memory"`` (peak extra bytes less the gradients of hidden ``[N, d]`` and weight ``[V, d]`` that
+    every log-prob implementation returns alike; backward and full step only). ``better``: ``"lower"`` or
+    ``"higher"``. ``headline``: the summary leads with it (never for an ``ours-*`` implementation other than the one
+    ``impl='auto'`` picks on the run's device). ``passes``: only in these pass groups (None: every pass). ``at``:
+    match the two implementations across the passes of a shape (each measured at one pass, e.g. the token
+    statistics' full step against the LM head's forward) and report the ratio at this pass."""
+
+    kind: str
+    numerator: str
+    denominator: str
+    metric: str
+    name: str
+    better: str
+    headline: bool = False
+    passes: tuple[str, ...] | None = None
+    at: str | None = None
+
+    def impls(self) -> list[str]:
+        return [i.strip() for side in (self.numerator, self.denominator) for i in side.split(" - ")]
 
 
-def compute_ratios(results: list[dict], ours_auto: str) -> list[dict]:
-    """Every ratio of two measurements at the same (op, shape, pass) of one run.
+SUITE_GLOB = "test_bench_*.py"
 
-    Log-prob op: ``ours / X`` time and ``X / ours`` peak memory for each ``ours-*`` and each other implementation
-    (so below 1 is faster and above 1 is smaller for ours), and ``X / ours`` working memory: peak extra memory less
-    the gradients of hidden and weight, which every implementation returns alike (backward and full step). Token statistics: stats-on / stats-off time and memory,
-    (stats-on - stats-off) / LM-head matmul time, stats-on / reference time, reference / stats-on memory, and the
-    per-token loop / stats-only (and / stats-on) speed-up. Monitor: exact / off and sketch / off step time and peak
-    memory, and the two-extra-backward baseline's overhead over each mode's ((explicit - off) / (mode - off)).
-    Trainer: stock TRL / ours time per step and peak memory. ``headline`` marks those the summary leads with.
-    """
-    at: dict[tuple, dict[str, dict]] = {}
+
+def suite_ratios(folder: str | Path | None = None) -> list[Ratio]:
+    """Every suite's declared ``RATIOS``, in suite order (the suites in :func:`benchmarks_dir` by default)."""
+    import importlib.util
+
+    folder = Path(folder) if folder is not None else benchmarks_dir()
+    if str(folder) not in sys.path:  # the suites import their helpers (cases, presets, harness) as top-level modules
+        sys.path.insert(0, str(folder))
+    out: list[Ratio] = []
+    for path in sorted(folder.glob(SUITE_GLOB)):
+        name = f"_entangle_fast_suite_{path.stem}"
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        out += list(getattr(module, "RATIOS", ()))
+    return out
+
+
+def _measure(r: dict | None, metric: str, pass_: str) -> float | None:
+    if r is None:
+        return None
+    if metric == "time":
+        return r["time_ms"] if r.get("time_ms", 0) > 0 else None
+    peak = r.get("peak_memory_bytes") or None
+    if metric == "memory":
+        return peak
+    if metric == "working-memory":
+        grads = _gradient_bytes(r, pass_)
+        return peak - grads if peak and grads and peak > grads else None
+    raise ValueError(f"unknown ratio metric {metric!r} (time, memory, working-memory)")
+
+
+def _side(expr: str, impls: dict, metric: str, pass_: str) -> float | None:
+    values = [_measure(impls.get(i.strip()), metric, pass_) for i in expr.split(" - ")]
+    if any(v is None for v in values):
+        return None
+    return values[0] - sum(values[1:])
+
+
+def compute_ratios(results: list[dict], ours_auto: str, declared: list[Ratio] | None = None) -> list[dict]:
+    """Every declared ratio (:func:`suite_ratios` by default) at each (op, shape, pass) of one run where both sides
+    were measured and the denominator is positive; sorted by op, shape and pass, declaration order within."""
+    declared = suite_ratios() if declared is None else declared
+    groups: dict[tuple, dict[str, dict]] = {}
+    shapes: dict[tuple, dict[str, dict]] = {}
     for r in results:
-        at.setdefault((r["kind"], r["shape"], r["pass"]), {})[r["impl"]] = r
+        groups.setdefault((r["kind"], r["shape"], r["pass"]), {})[r["impl"]] = r
+    for (kind, shape, _), impls in sorted(groups.items()):
+        shapes.setdefault((kind, shape), {}).update(impls)
     out = []
-
-    def add(kind, shape, pass_, metric, num, den, value, name, better, headline=False):
-        if value is None or value != value:  # missing or NaN
-            return
-        out.append({"kind": kind, "shape": shape, "pass": pass_, "metric": metric, "name": name, "numerator": num,
-                    "denominator": den, "value": float(value), "better": better, "headline": headline})
-
-    def t(r):
-        return r["time_ms"] if r and r.get("time_ms", 0) > 0 else None
-
-    def m(r):
-        return r["peak_memory_bytes"] if r and r.get("peak_memory_bytes") else None
-
-    def div(a, b):
-        return a / b if a is not None and b else None
-
-    for (kind, shape, pass_), impls in sorted(at.items()):
-        if kind == "logprobs":
-            grads = _gradient_bytes(next(iter(impls.values())), pass_)
-
-            def work(r):  # peak less the gradients every implementation returns alike
-                return m(r) - grads if m(r) and grads and m(r) > grads else None
-
-            for o in sorted(i for i in impls if _ours(i)):
-                for x in sorted(i for i in impls if not _ours(i)):
-                    head = o == ours_auto and x == "reference" and pass_ == "full"
-                    add(kind, shape, pass_, "time", o, x, div(t(impls[o]), t(impls[x])), f"{o} / {x} time",
-                        "lower", head)
-                    add(kind, shape, pass_, "memory", x, o, div(m(impls[x]), m(impls[o])),
-                        f"{x} / {o} peak memory", "higher", head)
-                    add(kind, shape, pass_, "memory", x, o, div(work(impls[x]), work(impls[o])),
-                        f"{x} / {o} working memory", "higher", head)
-        elif kind == "monitor":
-            off, explicit = impls.get("off"), impls.get("explicit")
-            for mode in ("exact", "exact-autograd", "sketch"):
-                on = impls.get(mode)
-                add(kind, shape, pass_, "time", mode, "off", div(t(on), t(off)), f"{mode} / off step time", "lower",
-                    True)
-                add(kind, shape, pass_, "memory", mode, "off", div(m(on), m(off)), f"{mode} / off peak memory",
-                    "lower")
-                if t(on) and t(off) and t(explicit) and t(on) > t(off):
-                    add(kind, shape, pass_, "time", "explicit - off", f"{mode} - off",
-                        (t(explicit) - t(off)) / (t(on) - t(off)),
-                        f"two-extra-backward overhead / {mode} overhead", "higher", mode == "exact")
-            add(kind, shape, pass_, "time", "explicit", "off", div(t(explicit), t(off)), "explicit / off step time",
-                "lower")
-        elif kind == "trainer":
-            trl = impls.get("trl")
-            for ours in ("entangled", "entangled_off"):
-                add(kind, shape, pass_, "time", ours, "trl", div(t(impls.get(ours)), t(trl)),
-                    f"{ours} / trl time per step", "lower", ours == "entangled")
-                add(kind, shape, pass_, "memory", "trl", ours, div(m(trl), m(impls.get(ours))),
-                    f"trl / {ours} peak memory", "higher", ours == "entangled")
-    stats = {}
-    for (kind, shape, _), impls in at.items():
-        if kind == "token_stats":
-            stats.setdefault(shape, {}).update(impls)
-    for shape, impls in sorted(stats.items()):
-        on, off, ref = impls.get("stats-on"), impls.get("stats-off"), impls.get("reference")
-        mm, only, loop = impls.get("lm-head-matmul"), impls.get("stats-only"), impls.get("loop")
-        k = "token_stats"
-        add(k, shape, "full", "time", "stats-on", "stats-off", div(t(on), t(off)), "stats-on / stats-off time",
-            "lower", True)
-        add(k, shape, "full", "memory", "stats-on", "stats-off", div(m(on), m(off)),
-            "stats-on / stats-off peak memory", "lower", True)
-        if t(on) and t(off):
-            add(k, shape, "full", "time", "stats-on - stats-off", "lm-head-matmul", div(t(on) - t(off), t(mm)),
-                "(stats-on - stats-off) / LM-head matmul time", "lower", True)
-        add(k, shape, "full", "time", "stats-on", "reference", div(t(on), t(ref)), "stats-on / reference time",
-            "lower")
-        add(k, shape, "full", "memory", "reference", "stats-on", div(m(ref), m(on)),
-            "reference / stats-on peak memory", "higher")
-        add(k, shape, "stats", "time", "loop", "stats-only", div(t(loop), t(only)),
-            "per-token loop / stats-only time (speed-up)", "higher", True)
-        add(k, shape, "stats", "time", "loop", "stats-on", div(t(loop), t(on)),
-            "per-token loop / stats-on full step time", "higher")
-        add(k, shape, "stats", "memory", "loop", "stats-only", div(m(loop), m(only)),
-            "per-token loop / stats-only peak memory", "higher")
+    for d in declared:
+        if d.at is not None:
+            targets = [((kind, shape, d.at), impls) for (kind, shape), impls in sorted(shapes.items())
+                       if kind == d.kind]
+        else:
+            targets = [(key, impls) for key, impls in sorted(groups.items())
+                       if key[0] == d.kind and (d.passes is None or key[2] in d.passes)]
+        for (kind, shape, pass_), impls in targets:
+            num = _side(d.numerator, impls, d.metric, pass_)
+            den = _side(d.denominator, impls, d.metric, pass_)
+            if num is None or den is None or not den > 0 or num / den != num / den:
+                continue
+            headline = d.headline and not any(i.startswith("ours-") and i != ours_auto for i in d.impls())
+            out.append({"kind": kind, "shape": shape, "pass": pass_, "metric": d.metric, "name": d.name,
+                        "numerator": d.numerator, "denominator": d.denominator, "value": float(num / den),
+                        "better": d.better, "headline": headline})
+    out.sort(key=lambda r: (r["kind"], r["shape"], r["pass"]))
     return out
 
 
@@ -344,10 +347,11 @@ def _memory_descriptions() -> dict:
     return {
         "cuda-max-memory-allocated": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
         "memory_allocated() just before the op",
+        "linux-vmhwm-in-process": "one warm call after the timed rounds, in the benchmark process: malloc_trim, reset "
+        "peak RSS (/proc/self/clear_refs), VmHWM minus VmRSS just before the op",
+        # Runs written before the suites shared one meter (benchmarks/results/ keeps some):
         "linux-vmhwm": "fresh CPU subprocess per shape; per op: malloc_trim, reset peak RSS (/proc/self/clear_refs), "
         "VmHWM minus VmRSS just before the op",
-        "ru-maxrss-vs-baseline": "one CPU subprocess per op: ru_maxrss minus that of a baseline subprocess doing the "
-        "same setup without the op",
     }
 
 
@@ -535,12 +539,14 @@ def compare_markdown(cmp: dict) -> str:
 
 
 def benchmarks_dir() -> Path:
-    """The source checkout's ``benchmarks/`` folder (the suites are not installed with the package)."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not (path / "conftest.py").is_file():
-        raise FileNotFoundError(f"the benchmark suites are not at {path}: `entangle-fast bench` runs from a source "
-                                "checkout (pip install -e .)")
-    return path
+    """The benchmark suites: ``entangle_fast/benchmarks/`` of an installed package (setup.py installs the checkout's
+    ``benchmarks/`` there), else the source checkout's ``benchmarks/`` (editable installs, a checkout on the path)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "benchmarks", here.parent / "benchmarks")
+    for path in candidates:
+        if (path / "conftest.py").is_file():
+            return path
+    raise FileNotFoundError("the benchmark suites are in neither " + " nor ".join(map(str, candidates)))
 
 
 def default_results_dir() -> Path:
@@ -632,17 +638,11 @@ def run_preset(preset: str, out_dir: str | Path, *, keyword: str | None = None, 
     load_start = _loadavg()
     fd, log_name = tempfile.mkstemp(prefix="entangle-fast-bench-", suffix=".log")
     log = Path(log_name)
-    saved_out = os.environ.get(OUT_ENV)
-    os.environ[OUT_ENV] = str(out_dir.resolve())
     with os.fdopen(fd, "w") as log_file, contextlib.redirect_stdout(log_file):
         try:
             code = int(pytest.main(args, plugins=[collector]))
         finally:
             collector.close()
-            if saved_out is None:
-                os.environ.pop(OUT_ENV, None)
-            else:
-                os.environ[OUT_ENV] = saved_out
     machine = machine_info()  # torch_threads: what the suites ran with (--bench-threads sets it in this process)
     machine["load_average_start"] = load_start
     run = build_run(preset, collector.results, collector.skipped, collector.failed, machine=machine, exit_code=code)
