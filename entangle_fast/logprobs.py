@@ -19,6 +19,8 @@ checked in ``entangle_fast/_contract.py``); :class:`LinearLogprobFunction` calls
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +217,18 @@ class _StatsRequest:
         self.sums_only = sums_only
 
 
+def _without_autocast(fn):
+    """Run an autograd Function's forward or backward with autocast off: the fused op computes in its inputs' dtype
+    (fp32 accumulation) whatever region it is called or differentiated in; callers cast the inputs themselves."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(ctx, *args)
+
+    return run
+
+
 class LinearLogprobFunction(torch.autograd.Function):
     """Autograd node of :func:`linear_logprobs` on flattened ``hidden [N, d]``, ``labels [N]``.
 
@@ -222,6 +236,7 @@ class LinearLogprobFunction(torch.autograd.Function):
     differentiable."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, hidden, weight, bias, labels, ignore_index, impl, stats_request, transform, metrics):
         fwd, _ = _launchers(impl)
         scale, softcap = transform_args(transform)
@@ -233,6 +248,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         return (logprobs.float() if hidden.dtype != torch.float64 else logprobs, *out[1:])
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_logprobs, *_grad_rest):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         req: _StatsRequest | None = ctx.stats_request

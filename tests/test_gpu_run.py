@@ -19,7 +19,9 @@ def test_gpu_run_rehearsal(tmp_path):
     for step in record["steps"]:
         assert step["returncode"] == 0, f"{step['step']} failed:\n{step['output_tail']}"
     assert record["ok"] and proc.returncode == 0
-    collected = record["steps"][1]["output_tail"]
-    assert "test_cuda.py" in collected and "test_pair_wgrad.py" in collected
+    import re
+
+    collected = re.search(r"(\d+) tests collected", record["steps"][1]["output_tail"])
+    assert collected and int(collected.group(1)) > 100, record["steps"][1]["output_tail"][-500:]
     assert record["environment"]["rehearsal"] and record["environment"]["torch"]
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md")), "the benchmark step wrote no run"

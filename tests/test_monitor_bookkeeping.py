@@ -36,8 +36,8 @@ def test_bookkept_gradients_and_statistics(arch, monkeypatch):
     plain = _grads(model)
 
     calls = []
-    real = monitor_mod.bookkeep
-    monkeypatch.setattr(monitor_mod, "bookkeep", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = monitor_mod.EntanglementMonitor._bookkeep
+    monkeypatch.setattr(monitor_mod.EntanglementMonitor, "_bookkeep", lambda self, idx, *a: calls.append(self.coverage.entries[idx].module) or real(self, idx, *a))
     model.zero_grad(set_to_none=True)
     with EntanglementMonitor(model) as mon:
         _step(model, batch)
@@ -85,3 +85,28 @@ def test_accumulation_hooks_and_restored_forwards():
             assert all("forward" in vars(m) for m in layers)
             raise ValueError("boom")
     assert not any("forward" in vars(m) for m in layers), "a book-kept layer's forward was left swapped"
+
+
+def test_bookkeeping_under_autocast():
+    """Under bf16 autocast (TRL's and accelerate's mixed precision) book-kept layers take autocast's dtype, and their
+    gradients are no further from the float64 gradient than the unmonitored autocast step's."""
+    import copy
+
+    from helpers import assert_close_to_reference
+
+    model = tiny_model("llama", TINY, dtype=torch.float32)
+    batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
+    model64 = copy.deepcopy(model).double()
+    _step(model64, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _step(model, batch)
+    plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), EntanglementMonitor(model) as mon:
+        _step(model, batch)
+    assert mon._bookkept and torch.isfinite(mon.stats.inner).all()
+    params64 = dict(model64.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
+                                  margin=1e-3 * params64[name].grad.abs().max().item(), name=name)

@@ -199,9 +199,18 @@ class EntanglementMonitor:
         transpose = self.coverage.entries[idx].kind == "conv1d"
         if self._replaying or not torch.is_grad_enabled():
             return type(module).forward(module, x)
-        return BookkeptLinear.apply(x, module.weight, module.bias, partial(self._bookkeep, idx), transpose)
+        weight, bias, device = module.weight, module.bias, x.device.type
+        if torch.is_autocast_enabled(device):
+            # What autocast does for a linear map: inputs cast to its dtype (the casts stay in the graph and carry the
+            # gradients back to the parameters' dtype), the product in that dtype.
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(device, enabled=False):
+                return BookkeptLinear.apply(x, weight, bias, partial(self._bookkeep, idx), transpose)
+        return BookkeptLinear.apply(x, weight, bias, partial(self._bookkeep, idx), transpose)
 
-    def _bookkeep(self, idx: int, x: Tensor, gamma: Tensor):
+    def _bookkeep(self, idx: int, x: Tensor, gamma: Tensor, dtype: torch.dtype):
         """Backward of a book-kept layer: its weight and bias gradients and its per-pair terms, in one pass."""
         entry = self.coverage.entries[idx]
         module = entry.module
@@ -212,8 +221,8 @@ class EntanglementMonitor:
             with torch.no_grad():
                 ctx = self._context()
                 rows = ctx.rows or x.shape[0]
-                grad_w, grad_b, terms = bookkeep(module, x, gamma, self._pairs(rows), transpose=transpose, bias=bias,
-                                                 rows=rows, width=ctx.width)
+                grad_w, grad_b, terms = bookkeep(x, gamma, self._pairs(rows), transpose=transpose, bias=bias,
+                                                 rows=rows, width=ctx.width, dtype=dtype)
             self._store(entry.name, terms)
             return grad_w, grad_b
         except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem

@@ -150,8 +150,8 @@ class Conv1DReducer(LinearReducer):
 
 class BookkeptLinear(torch.autograd.Function):
     """y = x W^T + b (Conv1D: y = x A + c, ``transpose``) whose backward hands ``(x, gamma)`` to ``form`` for the weight
-    and bias gradients instead of forming dW itself. ``form(x, gamma)`` returns ``(grad_weight, grad_bias)`` in the
-    parameters' own layouts."""
+    and bias gradients instead of forming dW itself. ``form(x, gamma, dtype)`` returns ``(grad_weight, grad_bias)`` in
+    the parameters' own layouts and ``dtype``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, form, transpose):
@@ -161,23 +161,28 @@ class BookkeptLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gamma):
+        with torch.autocast(gamma.device.type, enabled=False):  # the inputs' dtype, as in the forward
+            return BookkeptLinear._backward(ctx, gamma)
+
+    @staticmethod
+    def _backward(ctx, gamma):
         x, weight = ctx.saved_tensors
         w = weight.T if ctx.transpose else weight
         grad_x = gamma @ w if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w, grad_b = ctx.form(x, gamma)
+            grad_w, grad_b = ctx.form(x, gamma, weight.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
-def bookkeep(module: nn.Module, x: Tensor, gamma: Tensor, pairs: Tensor, *, transpose: bool, bias: bool,
-             rows: int, width: int) -> tuple[Tensor, Tensor | None, R.Terms]:
+def bookkeep(x: Tensor, gamma: Tensor, pairs: Tensor, *, transpose: bool, bias: bool, rows: int, width: int,
+             dtype: torch.dtype) -> tuple[Tensor, Tensor | None, R.Terms]:
     """The weight (and bias) gradient of one linear-like call and its per-pair terms, in one pass
     (:func:`entangle_fast.bookkeeping.pair_weight_grad_dense`): ``(grad_weight, grad_bias | None, Terms)``, the
-    gradients in the parameters' layouts and dtypes, the terms in loss units."""
+    gradients in the parameters' layouts and ``dtype``, the terms in loss units."""
     from entangle_fast.bookkeeping import pair_weight_grad_dense
 
     a, g = as_rows(x, rows, width), as_rows(gamma, rows, width)
-    res = pair_weight_grad_dense(a, g, pairs.to(a.device), bias=bias, out_dtype=module.weight.dtype)
+    res = pair_weight_grad_dense(a, g, pairs.to(a.device), bias=bias, out_dtype=dtype)
     grad_w = res.grad_weight.T if transpose else res.grad_weight
     return grad_w, res.grad_bias, R.Terms(res.inner, res.chosen, res.rejected)
