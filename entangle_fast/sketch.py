@@ -102,3 +102,19 @@ def sketch_inner(S: Tensor, seg_pairs: Tensor) -> Tensor:
         raise ValueError(f"seg_pairs must index the {S.shape[0]} sketches, got values in "
                          f"[{int(seg_pairs.min())}, {int(seg_pairs.max())}]")
     return (S[seg_pairs[:, 0]] * S[seg_pairs[:, 1]]).flatten(1).sum(dim=1)
+
+
+class SketchCache:
+    """One :class:`KroneckerSketch` per layer, made on first use and seeded by the layer's name
+    (:func:`layer_seed`): the monitor and the profiler draw the same projections for the same layer."""
+
+    def __init__(self, seed: int, k: int):
+        self.seed, self.k = int(seed), int(k)
+        self._sketches: dict[str, KroneckerSketch] = {}
+
+    def get(self, name: str, d_in: int, d_out: int, *, device, dtype) -> KroneckerSketch:
+        sketch = self._sketches.get(name)
+        if sketch is None:
+            sketch = self._sketches[name] = KroneckerSketch(d_in, d_out, self.k, seed=layer_seed(self.seed, name),
+                                                            device=device, dtype=dtype)
+        return sketch

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from entangle_fast.data import default_pairs
 from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.coverage import UncoveredParametersError, build_coverage
@@ -26,6 +27,7 @@ from entangle_fast.monitor.kinds.base import stock_forward
 from entangle_fast.monitor.kinds.linear import BookkeptLinear, bookkeep
 from entangle_fast.monitor.preflight import check_model, warn_if_dropout
 from entangle_fast.monitor.stats import EntanglementStats, classify
+from entangle_fast.sketch import SketchCache
 from entangle_fast.token_stats import BackwardRecord, register_stats_listener
 
 def _in_backward() -> bool:
@@ -116,7 +118,7 @@ class EntanglementMonitor:
                 raise UncoveredParametersError(
                     f"position_attribution needs per-position terms, which the generic per-row path does not give; "
                     f"these modules take it: {generic}. Exclude them, or leave position_attribution off.")
-        self._sketches: dict[int, object] = {}
+        self._sketches = SketchCache(self.seed, sketch_dim)
         self.bookkeeping = bool(bookkeeping)
         self._bookkept = self._bookkept_entries() if self.bookkeeping else set()
         # Parameters of modules on the generic per-row path, checked against autograd's gradient (a shared parameter
@@ -434,7 +436,7 @@ class EntanglementMonitor:
                              f"{tuple(rejected_logps.shape)} differ in shape")
         b = chosen_logps.shape[0]
         if pairs is None:
-            pairs = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], 1)
+            pairs = default_pairs(2 * b)
         pairs = torch.as_tensor(pairs, dtype=torch.int64).cpu()
         if pairs.shape != (b, 2):
             raise ValueError(f"pairs must have shape [B, 2] = [{b}, 2], got {tuple(pairs.shape)}")
@@ -465,11 +467,7 @@ class EntanglementMonitor:
         if self._watch is not None:
             pairs = self._watch["pairs"]
         else:
-            if rows % 2:
-                raise ValueError(f"the forward has {rows} rows; the default pairing needs 2B rows (chosen, then "
-                                 "rejected), or pass pairs to watch()")
-            b = rows // 2
-            pairs = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], 1)
+            pairs = default_pairs(rows)
         if pairs.numel() and int(pairs.max()) >= rows:
             raise ValueError(f"pairs index row {int(pairs.max())} but the forward has {rows} rows")
         return pairs
@@ -598,14 +596,9 @@ class EntanglementMonitor:
         return terms
 
     def _sketch(self, idx: int, tok: R.Tokens):
-        if idx not in self._sketches:
-            from entangle_fast.sketch import KroneckerSketch, layer_seed
-
-            name = self.coverage.entries[idx].name
-            self._sketches[idx] = KroneckerSketch(tok.a.shape[1], tok.gamma.shape[1], self.sketch_dim,
-                                                  seed=layer_seed(self.seed, name), device=tok.gamma.device,
-                                                  dtype=tok.gamma.dtype)
-        return self._sketches[idx]
+        entry = self.coverage.entries[idx]
+        d_in, d_out = entry.reducer.dims(entry.module)
+        return self._sketches.get(entry.name, d_in, d_out, device=tok.gamma.device, dtype=tok.gamma.dtype)
 
     def _factors(self, idx: int, attr: str, packed: dict) -> R.Factors | None:
         """The factors of entry ``idx``'s use of its shared parameter ``attr`` (None when it was not used)."""

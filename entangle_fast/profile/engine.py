@@ -13,6 +13,7 @@ from entangle_fast.monitor.coverage import Coverage, build_coverage
 from entangle_fast.monitor.kinds.base import CaptureError, as_rows, stock_forward
 from entangle_fast.monitor.kinds.embedding import _LookupRecorder, lookup_scale
 from entangle_fast.monitor.reductions import compute_dtype
+from entangle_fast.sketch import SketchCache
 from entangle_fast.preference import (
     IGNORE_INDEX,
     backbone_hidden_states,
@@ -200,7 +201,7 @@ class _PairEngine:
                         for i in self.captured if self.form[i] == "vector"}
         self.gamma_scale: dict[int, float] = {}
         self.cross = self._cross_pairs()
-        self.sketches: dict[int, object] = {}
+        self.sketches = SketchCache(seed, sketch_dim)
         self.token_backwards = 0
         self.batched_backwards = 0
 
@@ -293,18 +294,13 @@ class _PairEngine:
 
     def _sketch(self, idx: int):
         """The Kronecker sketch of entry ``idx``'s weight (a tied matrix: one sketch for both uses)."""
-        from entangle_fast.sketch import KroneckerSketch, layer_seed
-
         key = idx
         for users in self.cov.shared.values():
             if idx in [u for u, _ in users]:
                 key = users[0][0]
-        if key not in self.sketches:
-            entry = self.cov.entries[key]
-            d_in, d_out = entry.reducer.dims(entry.module)  # embeddings: the d side is the input, the V side the output
-            self.sketches[key] = KroneckerSketch(d_in, d_out, self.k, seed=layer_seed(self.seed, entry.name),
-                                                 device=self.weight.device, dtype=self.cdt)
-        return self.sketches[key]
+        entry = self.cov.entries[key]
+        d_in, d_out = entry.reducer.dims(entry.module)  # embeddings: the d side is the input, the V side the output
+        return self.sketches.get(entry.name, d_in, d_out, device=self.weight.device, dtype=self.cdt)
 
     # -- the pair pass: inputs, head factors, seeds, output layer ----------------------------------------------------
 
