@@ -153,3 +153,34 @@ def check_pair_wgrad_inputs(a, gamma, cu_seqlens, pairs, fold, unpaired, out_dty
             raise ValueError(f"{name} must be {dtype} {want}, got {getattr(t, 'dtype', type(t))} {list(_shape(t))}")
     return [("gamma", gamma), ("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs), ("fold", fold),
             ("unpaired", unpaired)]
+
+
+def check_segments(cu_seqlens, n_tok: int, count: str = "R") -> Tensor:
+    """Host copy of ``cu_seqlens [count + 1]``, int64 offsets from 0 to ``n_tok`` (S), non-decreasing: one host sync
+    for every check (the kernels trust the offsets). Raises ValueError naming ``cu_seqlens``."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.ndim != 1 \
+            or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be an int64 tensor [{count} + 1], got {getattr(cu_seqlens, 'dtype', None)} "
+                         f"{_shape(cu_seqlens)}")
+    cu = cu_seqlens.cpu()
+    if int(cu[0]) != 0 or int(cu[-1]) != n_tok:
+        raise ValueError(f"cu_seqlens must start at 0 and end at S = {n_tok}, got {int(cu[0])} ... {int(cu[-1])}")
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()):
+        k = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(f"cu_seqlens must be non-decreasing; cu_seqlens[{k + 1}] = {int(cu[k + 1])} < "
+                         f"cu_seqlens[{k}] = {int(cu[k])}")
+    return cu
+
+
+def check_index_pairs(pairs, n: int, name: str = "pairs", count: str = "R") -> Tensor:
+    """Host copy of ``pairs [P, 2]``, int64 indices in ``[0, n)``. Raises ValueError naming ``name``."""
+    if not isinstance(pairs, Tensor) or pairs.dtype != torch.int64 or pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"{name} must be an int64 tensor [P, 2], got {getattr(pairs, 'dtype', None)} "
+                         f"{_shape(pairs)}")
+    host = pairs.cpu()
+    bad = (host < 0) | (host >= n)
+    if bool(bad.any()):
+        p, c = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(f"{name} must index in [0, {count}={n}); {name}[{p}, {c}] = {int(host[p, c])}")
+    return host

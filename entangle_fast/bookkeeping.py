@@ -39,6 +39,7 @@ from torch import Tensor
 
 from entangle_fast import _backend
 from entangle_fast._backend import launcher, resolve_impl
+from entangle_fast._contract import check_index_pairs, check_segments
 from entangle_fast._torch.pair_wgrad import torch_pair_wgrad, torch_pair_wgrad_dense
 
 _backend.register("pair_wgrad", torch="entangle_fast._torch.pair_wgrad:torch_pair_wgrad",
@@ -83,31 +84,11 @@ def _validate(a, gamma, cu_seqlens, pairs, out_dtype) -> tuple[Tensor, Tensor]:
         raise TypeError(f"a dtype {a.dtype} differs from gamma dtype {gamma.dtype}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be a floating dtype among {_FLOATS}, got {out_dtype}")
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.ndim != 1 \
-            or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be an int64 tensor [R + 1], got {getattr(cu_seqlens, 'dtype', None)} "
-                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    if not isinstance(pairs, Tensor) or pairs.dtype != torch.int64 or pairs.ndim != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"pairs must be an int64 tensor [B, 2], got {getattr(pairs, 'dtype', None)} "
-                         f"{tuple(getattr(pairs, 'shape', ()))}")
     for name, t in (("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs)):
-        if t.device != gamma.device:
+        if isinstance(t, Tensor) and t.device != gamma.device:
             raise ValueError(f"{name} is on {t.device} but gamma is on {gamma.device}")
-    # One host sync for every index check: the kernels trust them.
-    cu, pr = cu_seqlens.cpu(), pairs.cpu()
-    n_tok = gamma.shape[0]
-    if int(cu[0]) != 0 or int(cu[-1]) != n_tok:
-        raise ValueError(f"cu_seqlens must start at 0 and end at S = {n_tok}, got {int(cu[0])} ... {int(cu[-1])}")
-    steps = cu[1:] - cu[:-1]
-    if bool((steps < 0).any()):
-        k = int(torch.nonzero(steps < 0)[0])
-        raise ValueError(f"cu_seqlens must be non-decreasing; cu_seqlens[{k + 1}] = {int(cu[k + 1])} < "
-                         f"cu_seqlens[{k}] = {int(cu[k])}")
-    n_rows = cu.shape[0] - 1
-    bad = (pr < 0) | (pr >= n_rows)
-    if bool(bad.any()):
-        p, c = (int(x) for x in torch.nonzero(bad)[0])
-        raise ValueError(f"pairs must index rows in [0, R={n_rows}); pairs[{p}, {c}] = {int(pr[p, c])}")
+    cu = check_segments(cu_seqlens, gamma.shape[0])
+    pr = check_index_pairs(pairs, cu.shape[0] - 1)
     return cu, pr
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from entangle_fast import _backend
 from entangle_fast._backend import compute_dtype, launcher, resolve_impl
+from entangle_fast._contract import check_index_pairs, check_segments
 from entangle_fast._torch.ghost_gram import pair_bounds
 
 _backend.register("ghost_gram_fwd", torch="entangle_fast._torch.ghost_gram:torch_ghost_gram_fwd",
@@ -69,32 +70,11 @@ def _validate(a, gamma, cu_seqlens, seg_pairs, ids) -> None:
                              f"{tuple(getattr(ids, 'shape', ()))}")
         if ids.shape[0] != n_tok:
             raise ValueError(f"ids has {ids.shape[0]} entries but gamma has S = {n_tok}: they must share the packing")
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.ndim != 1 \
-            or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be an int64 tensor [n_seg + 1], got {getattr(cu_seqlens, 'dtype', None)} "
-                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    if not isinstance(seg_pairs, Tensor) or seg_pairs.dtype != torch.int64 or seg_pairs.ndim != 2 \
-            or seg_pairs.shape[1] != 2:
-        raise ValueError(f"seg_pairs must be an int64 tensor [P, 2], got {getattr(seg_pairs, 'dtype', None)} "
-                         f"{tuple(getattr(seg_pairs, 'shape', ()))}")
     for name, t in (("a", a), ("ids", ids), ("cu_seqlens", cu_seqlens), ("seg_pairs", seg_pairs)):
-        if t is not None and t.device != gamma.device:
+        if isinstance(t, Tensor) and t.device != gamma.device:
             raise ValueError(f"{name} is on {t.device} but gamma is on {gamma.device}")
-    # One host sync for all the index checks (the kernels trust them and the launcher needs the lengths anyway).
-    cu = cu_seqlens.cpu()
-    if int(cu[0]) != 0 or int(cu[-1]) != n_tok:
-        raise ValueError(f"cu_seqlens must start at 0 and end at S = {n_tok}, got {int(cu[0])} ... {int(cu[-1])}")
-    steps = cu[1:] - cu[:-1]
-    if bool((steps < 0).any()):
-        k = int(torch.nonzero(steps < 0)[0])
-        raise ValueError(f"cu_seqlens must be non-decreasing; cu_seqlens[{k + 1}] = {int(cu[k + 1])} < "
-                         f"cu_seqlens[{k}] = {int(cu[k])}")
-    n_seg = cu.shape[0] - 1
-    sp = seg_pairs.cpu()
-    bad = (sp < 0) | (sp >= n_seg)
-    if bool(bad.any()):
-        p, c = (int(x) for x in torch.nonzero(bad)[0])
-        raise ValueError(f"seg_pairs must index segments in [0, n_seg={n_seg}); seg_pairs[{p}, {c}] = {int(sp[p, c])}")
+    cu = check_segments(cu_seqlens, n_tok, count="n_seg")
+    check_index_pairs(seg_pairs, cu.shape[0] - 1, name="seg_pairs", count="n_seg")
 
 
 def ghost_gram(

@@ -18,22 +18,14 @@ import math
 import torch
 from torch import Tensor
 
+from entangle_fast._contract import check_segments
+
 
 def layer_seed(seed: int, name: str) -> int:
     """A 63-bit seed for the layer ``name`` under the run seed ``seed``, the same in every process and on every
     machine (a keyed BLAKE2b digest; Python's ``hash()`` is salted per process)."""
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8, key=str(int(seed)).encode("ascii")).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _check_cu_seqlens(cu_seqlens: Tensor, n_tok: int) -> None:
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.ndim != 1 \
-            or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be an int64 tensor [n_seg + 1], got {getattr(cu_seqlens, 'dtype', None)} "
-                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    cu = cu_seqlens.cpu()
-    if int(cu[0]) != 0 or int(cu[-1]) != n_tok or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to S = {n_tok}, got {cu.tolist()}")
 
 
 class KroneckerSketch:
@@ -76,7 +68,7 @@ class KroneckerSketch:
         n_tok = gamma.shape[0]
         if a is not None and (not isinstance(a, Tensor) or tuple(a.shape) != (n_tok, self.d_in)):
             raise ValueError(f"a must have shape [S={n_tok}, d_in={self.d_in}], got {tuple(getattr(a, 'shape', ()))}")
-        _check_cu_seqlens(cu_seqlens, n_tok)
+        check_segments(cu_seqlens, n_tok, count="n_seg")
         n_seg = cu_seqlens.shape[0] - 1
         pg = gamma.to(self.dtype) @ self.p_out.T
         if a is None:

@@ -69,6 +69,19 @@ def assert_exact64(actual, expected, *, rtol: float = 1e-9, name="value"):
         raise AssertionError(f"{name}: max error {err.max().item():.3e} at {idx} > {rtol:g} x scale {scale:.3e}")
 
 
+def assert_within(got, want, tol, what):
+    """|got - want| <= tol elementwise (tol a scalar or a tensor); the message names the first failing index and the
+    error ratio."""
+    err = (got.double() - want.double()).abs()
+    tol = torch.as_tensor(tol, dtype=torch.float64, device=err.device).expand_as(err)
+    bad = ~(err <= tol)  # NaN fails
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise AssertionError(f"{what}: first mismatch at {list(idx)}: got {float(got[idx])}, want {float(want[idx])}, "
+                             f"error {float(err[idx]):.3e} = {float(err[idx] / tol[idx]):.2f} x tolerance "
+                             f"{float(tol[idx]):.3e}")
+
+
 def first_index(mask: torch.Tensor):
     nz = torch.nonzero(mask)
     return tuple(nz[0].tolist()) if len(nz) else None

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from helpers import assert_within
+
 if not torch.cuda.is_available():
     # Must precede the first `import triton` in the process; tests/conftest.py does the same.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -59,16 +61,7 @@ def _double(t):
     return None if t is None else t.double()
 
 
-def _assert_close(got, want, tol, what):
-    """|got - want| <= tol elementwise; the message names the first failing index and the error ratio."""
-    err = (got.double() - want.double()).abs()
-    tol = torch.as_tensor(tol, dtype=torch.float64, device=err.device).expand_as(err)
-    bad = ~(err <= tol)  # NaN fails
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(f"{what}: first mismatch at {list(idx)}: got {float(got[idx])}, want {float(want[idx])}, "
-                             f"error {float(err[idx]):.3e} = {float(err[idx] / tol[idx]):.2f} x tolerance "
-                             f"{float(tol[idx]):.3e}")
+_assert_close = assert_within
 
 
 # ---------------------------------------------------------------------------------------------------------------------

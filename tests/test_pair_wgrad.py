@@ -25,7 +25,7 @@ from entangle_fast.bookkeeping import (  # noqa: E402
     pair_weight_grad_dense,
 )
 from entangle_fast.reference import pair_weight_grad_reference  # noqa: E402
-from helpers import requires_triton  # noqa: E402
+from helpers import assert_within, requires_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -62,17 +62,7 @@ def _inputs(lens, d_in, d_out, dtype, seed):
     return a, gamma
 
 
-def _assert_close(got, want, tol, what):
-    """|got - want| <= tol elementwise; the message names the first failing index and the error ratio."""
-    got, want = got.double(), want.double()
-    err = (got - want).abs()
-    tol = torch.as_tensor(tol, dtype=torch.float64, device=err.device).expand_as(err)
-    bad = ~(err <= tol)  # NaN fails
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(f"{what}: first mismatch at {list(idx)}: got {float(got[idx])}, want {float(want[idx])}, "
-                             f"error {float(err[idx]):.3e} = {float(err[idx] / tol[idx]):.2f} x tolerance "
-                             f"{float(tol[idx]):.3e}")
+_assert_close = assert_within
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -269,6 +269,31 @@ def positionwise_token_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: T
     return vmap(per_token, chunk_size=chunk)(x, gamma)
 
 
+def positionwise_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """``[R, n_params]`` each row's gradient of sum_items output . gamma w.r.t. the module's parameters ``attrs``: one
+    vjp of the module on a row's items ``x [R, P, d_in]`` with ``gamma [R, P, d_out]``, batched over the rows (exact for
+    modules that act position by position; the items' own gradients are never formed)."""
+    from torch.func import functional_call, vjp, vmap
+
+    params = {a: module._parameters[a].detach() for a in attrs}
+    n_params = sum(p.numel() for p in params.values())
+
+    def per_row(xr, gr):
+        _, pull = vjp(lambda p: functional_call(module, p, (xr,)), params)
+        (grads,) = pull(gr)
+        return torch.cat([grads[a].reshape(-1) for a in attrs])
+
+    chunk = max(1, chunk_elements // max(n_params + x.shape[1] * (x.shape[2] + gamma.shape[2]), 1))
+    return vmap(per_row, chunk_size=chunk)(x, gamma.to(x.dtype))
+
+
+def row_grad_terms(grads: Tensor, pairs: Tensor) -> Terms:
+    """Pair terms from per-row gradient vectors ``grads [R, n]``."""
+    g = grads[pairs.reshape(-1).to(grads.device)].view(pairs.shape[0], 2, -1)
+    gw, gl = g[:, 0], g[:, 1]
+    return Terms((gw * gl).sum(1), (gw * gw).sum(1), (gl * gl).sum(1))
+
+
 def token_grad_terms(tok: Tokens, grads: Tensor, pairs: Tensor, *, positions: bool) -> Terms:
     """Pair terms from explicit per-token gradients ``grads [S, n]`` (the position-wise path)."""
     def row_grad(r):

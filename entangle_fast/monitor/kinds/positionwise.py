@@ -68,6 +68,11 @@ class PositionwiseReducer(Reducer):
 
     def terms(self, module, tracked, use, pairs, ctx):
         tok = use.info["tok"]
+        if not ctx.positions and not use.info.get("keep_rows"):
+            # The statistics need each row's gradient only: one vjp per row, batched over the rows.
+            with ctx.replay():
+                grads = R.positionwise_row_grads(module, tracked, use.x, self.gamma_rows(use, ctx))
+            return R.row_grad_terms(grads.to(ctx.cdt), pairs)
         with ctx.replay():
             grads = R.positionwise_token_grads(module, tracked, tok.a, tok.gamma)
         use.info["token_grads"] = grads
