@@ -8,7 +8,7 @@ gradients are
 
 and the layer's weight gradient is their sum over every row, dW = sum_r G_r, db = sum_r b_r. If the sum runs pair by
 pair, each pair (w, l) has G_w and G_l in hand before they are folded into dW, and its statistics cost one more pass
-over them (/work/shared/MATH.md sections 4.1-4.2):
+over them (docs/math.md sections 4.1-4.2):
 
     inner    = <G_w, G_l>_F  (+ <b_w, b_l>)
     chosen   = ||G_w||_F^2   (+ ||b_w||^2)

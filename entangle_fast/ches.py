@@ -1,5 +1,5 @@
 """CHES, the centered hidden embedding similarity of a preference pair (Razin et al. 2024, arXiv 2410.08847;
-docs/math.md section 2.1 of /work/shared/MATH.md).
+docs/math.md section 2.1).
 
 With h_t the final hidden state (after the final norm) at each loss position of a response (the positions whose
 output predicts a response token) and H_w = sum_t h^w_t, H_l = sum_t h^l_t:
