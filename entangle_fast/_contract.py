@@ -100,6 +100,15 @@ def check_logprob_bwd_buffers(n, v, d, named, *, lse, grad_logprobs, grad_hidden
     return width
 
 
+def check_logprob_bwd_call(backend: str, hidden, weight, labels, bias, **buffers) -> tuple[int, int]:
+    """The whole contract of one ``logprob_bwd`` launch on ``backend`` (inputs, buffers and range, placement), for
+    the Triton and CUDA launchers alike. Returns ``(N, range width)``."""
+    n, v, d, named = check_logprob_inputs(hidden, weight, labels, bias)
+    width = check_logprob_bwd_buffers(n, v, d, named, **buffers)
+    check_placement(named, backend)
+    return n, width
+
+
 def grad_weight_row0(grad_weight, vocab_start: int, vocab_end: int) -> int:
     """The vocabulary entry held by row 0 of a checked ``grad_weight``: ``vocab_start`` for a range-sized buffer,
     else 0 (the two agree when the range is the whole vocabulary)."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from entangle_fast._contract import (
     check_ghost_gram_inputs,
-    check_logprob_bwd_buffers,
+    check_logprob_bwd_call,
     check_logprob_inputs,
     check_pair_wgrad_inputs,
     check_placement,
@@ -235,12 +235,10 @@ def cuda_logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_in
     range; or None), grad_bias [V] += sum_n g du (or None),
     probs_out [N, vocab_end - vocab_start] = p (0.0 on ignored rows; or None).
     """
-    n, v, d, named = check_logprob_inputs(hidden, weight, labels, bias)
-    width = check_logprob_bwd_buffers(
-        n, v, d, named, lse=lse, grad_logprobs=grad_logprobs, grad_hidden_unscaled=grad_hidden_unscaled,
-        grad_weight=grad_weight, grad_bias=grad_bias, vocab_start=vocab_start, vocab_end=vocab_end,
-        probs_out=probs_out)
-    check_placement(named, "cuda")
+    n, width = check_logprob_bwd_call(
+        "cuda", hidden, weight, labels, bias, lse=lse, grad_logprobs=grad_logprobs,
+        grad_hidden_unscaled=grad_hidden_unscaled, grad_weight=grad_weight, grad_bias=grad_bias,
+        vocab_start=vocab_start, vocab_end=vocab_end, probs_out=probs_out)
     if n == 0 or width == 0:
         return
     torch.ops.entangle_fast.logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, int(ignore_index),

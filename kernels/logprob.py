@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from entangle_fast._backend import interpreting
-from entangle_fast._contract import check_logprob_bwd_buffers, check_logprob_inputs, check_placement, grad_weight_row0
+from entangle_fast._contract import check_logprob_bwd_call, check_logprob_inputs, check_placement, grad_weight_row0
 
 
 
@@ -280,14 +280,13 @@ def logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, 
     Buffers are added to, not overwritten (probs_out excepted): the caller zero-fills them and may
     call once per consecutive vocab range.
     """
-    N, V, d, named = check_logprob_inputs(hidden, weight, labels, bias)
-    width = check_logprob_bwd_buffers(
-        N, V, d, named, lse=lse, grad_logprobs=grad_logprobs, grad_hidden_unscaled=grad_hidden_unscaled,
-        grad_weight=grad_weight, grad_bias=grad_bias, vocab_start=vocab_start, vocab_end=vocab_end,
-        probs_out=probs_out)
-    check_placement(named, "triton")
+    N, width = check_logprob_bwd_call(
+        "triton", hidden, weight, labels, bias, lse=lse, grad_logprobs=grad_logprobs,
+        grad_hidden_unscaled=grad_hidden_unscaled, grad_weight=grad_weight, grad_bias=grad_bias,
+        vocab_start=vocab_start, vocab_end=vocab_end, probs_out=probs_out)
     if N == 0 or width == 0:
         return
+    d = hidden.shape[1]
 
     cfg = _bwd_config(hidden.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
