@@ -201,7 +201,7 @@ def _backend_fns(impl: str):
     if impl == "triton":
         from entangle_fast.kernels import logprob_bwd, logprob_fwd
 
-        return _plain_launchers(logprob_fwd, logprob_bwd)
+        return logprob_fwd, logprob_bwd
     if impl == "cuda":
         from entangle_fast._cuda import cuda_logprob_bwd, cuda_logprob_fwd
 
@@ -393,7 +393,7 @@ def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | Non
 
 
 # Backends whose launchers take the transform scalars and the metrics flag (the PyTorch path always does).
-_KERNELS_WITH_TRANSFORM_AND_METRICS: tuple[str, ...] = ()
+_KERNELS_WITH_TRANSFORM_AND_METRICS: tuple[str, ...] = ("triton",)
 
 
 def _route(backend: str, impl: str, transform: LogitTransform | None, token_metrics: bool) -> str:
