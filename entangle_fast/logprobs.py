@@ -205,21 +205,9 @@ def _backend_fns(impl: str):
     if impl == "cuda":
         from entangle_fast._cuda import cuda_logprob_bwd, cuda_logprob_fwd
 
-        return _plain_launchers(cuda_logprob_fwd, cuda_logprob_bwd)
+        return cuda_logprob_fwd, cuda_logprob_bwd
     return torch_logprob_fwd, torch_logprob_bwd
 
-
-def _plain_launchers(fwd, bwd):
-    """Launchers without the transform and metrics arguments, called only with their defaults (see :func:`_route`)."""
-    def plain_fwd(*args, scale=1.0, softcap=0.0, metrics=False):
-        assert scale == 1.0 and not softcap and not metrics, "routed to a kernel without transform/metrics support"
-        return fwd(*args)
-
-    def plain_bwd(*args, scale=1.0, softcap=0.0, delta_out=None, **kwargs):
-        assert scale == 1.0 and not softcap and delta_out is None, "routed to a kernel without transform support"
-        return bwd(*args, **kwargs)
-
-    return plain_fwd, plain_bwd
 
 
 def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None):
@@ -392,22 +380,6 @@ def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | Non
             )
 
 
-# Backends whose launchers take the transform scalars and the metrics flag (the PyTorch path always does).
-_KERNELS_WITH_TRANSFORM_AND_METRICS: tuple[str, ...] = ("triton",)
-
-
-def _route(backend: str, impl: str, transform: LogitTransform | None, token_metrics: bool) -> str:
-    """The backend that runs: ``impl="auto"`` falls back to the PyTorch path for a feature its kernel lacks; an
-    explicit kernel backend raises naming it."""
-    needs = [name for name, on in (("transform", transform is not None and not transform.identity),
-                                   ("token_metrics", token_metrics)) if on]
-    if backend == "torch" or not needs or backend in _KERNELS_WITH_TRANSFORM_AND_METRICS:
-        return backend
-    if impl == "auto":
-        return "torch"
-    raise NotImplementedError(f"impl={impl!r} does not implement {' and '.join(needs)} yet; use impl='torch'")
-
-
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -450,7 +422,7 @@ def linear_logprobs(
         ``(logprobs, handle, metrics)``.
     """
     _validate(hidden, weight, labels, bias, ignore_index, transform)
-    backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, token_metrics)
+    backend = resolve_impl(impl, hidden.device, hidden.dtype)
     if transform is not None and transform.identity:
         transform = None
     listeners = active_listeners()
@@ -506,7 +478,7 @@ def output_layer_token_stats(
     _validate(hidden, weight, labels, bias, ignore_index, transform)
     if hidden.ndim != 3:
         raise ValueError(f"hidden must have shape [R, T, d]; got {tuple(hidden.shape)}")
-    backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, False)
+    backend = resolve_impl(impl, hidden.device, hidden.dtype)
     transform = transform if transform is not None and not transform.identity else IDENTITY
     fwd, _ = _backend_fns(backend)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
