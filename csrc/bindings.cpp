@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -69,32 +70,64 @@ const void* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ?
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& hidden, const at::Tensor& weight,
-                                               const at::Tensor& labels, const std::optional<at::Tensor>& bias,
-                                               int64_t ignore_index) {
+void check_transform(double scale, double softcap) {
+  TORCH_CHECK(std::isfinite(scale) && scale != 0.0, "scale must be a finite nonzero number, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap must be a finite number >= 0 (0 = none), got ",
+              softcap);
+}
+
+// Returns (logprobs, lse, entropy, logit_sum, argmax); the three metrics are [N] when metrics is true, else empty [0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double scale, double softcap, bool metrics) {
   const auto [N, V, D] = check_logprob_inputs(hidden, weight, labels, bias);
+  check_transform(scale, softcap);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto f32 = hidden.options().dtype(at::kFloat);
-  // NaN-filled rather than empty: a row the kernels failed to write cannot pass as a value.
-  at::Tensor logprobs = at::full({N}, std::numeric_limits<float>::quiet_NaN(), f32);
-  at::Tensor lse = at::full({N}, std::numeric_limits<float>::quiet_NaN(), f32);
-  if (N == 0) return {logprobs, lse};
+  const auto i64 = hidden.options().dtype(at::kLong);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // NaN-filled rather than empty: a row the kernels failed to write cannot pass as a value (argmax: -1).
+  at::Tensor logprobs = at::full({N}, nan, f32);
+  at::Tensor lse = at::full({N}, nan, f32);
+  const int64_t M = metrics ? N : 0;
+  at::Tensor entropy = at::full({M}, nan, f32);
+  at::Tensor logit_sum = at::full({M}, nan, f32);
+  at::Tensor argmax = at::full({M}, -1, i64);
+  if (N == 0) return {logprobs, lse, entropy, logit_sum, argmax};
   int num_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, hidden.get_device()));
-  at::Tensor workspace = at::empty({ef::logprob_fwd_workspace_floats(N, V, num_sms)}, f32);
+  at::Tensor workspace = at::empty({ef::logprob_fwd_workspace_floats(N, V, num_sms, metrics)}, f32);
+  at::Tensor arg_workspace = at::empty({metrics ? ef::logprob_fwd_splits(N, V, num_sms) * N : 0}, i64);
   ef::LogprobFwdArgs args{dtype_of(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(), opt_ptr(bias),
                           labels.data_ptr<int64_t>(), logprobs.data_ptr<float>(), lse.data_ptr<float>(),
-                          workspace.data_ptr<float>(), N, V, D, ignore_index, num_sms};
+                          workspace.data_ptr<float>(), N, V, D, ignore_index, num_sms,
+                          static_cast<float>(scale), static_cast<float>(softcap),
+                          metrics ? entropy.data_ptr<float>() : nullptr,
+                          metrics ? logit_sum.data_ptr<float>() : nullptr,
+                          metrics ? argmax.data_ptr<int64_t>() : nullptr,
+                          metrics ? arg_workspace.data_ptr<int64_t>() : nullptr};
   C10_CUDA_CHECK(ef::logprob_fwd(args, c10::cuda::getCurrentCUDAStream().stream()));
-  return {logprobs, lse};
+  return {logprobs, lse, entropy, logit_sum, argmax};
+}
+
+// A [N, width] fp32 chunk buffer with unit column stride (a column slice of a wider buffer is fine); its row stride.
+int64_t check_chunk(const at::Tensor& t, const at::Tensor& like, const char* name, int64_t N, int64_t width) {
+  check_cuda(t, like, name, /*contiguous=*/false);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == N && t.size(1) == width &&
+                  (width <= 1 || t.stride(1) == 1) && (N <= 1 || t.stride(0) >= width),
+              name, " must be float32 [", N, ", ", width, "] with unit column stride, got ", t.scalar_type(), " ",
+              t.sizes(), " strides ", t.strides());
+  return N > 1 ? t.stride(0) : width;
 }
 
 void logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                  const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_logprobs,
                  int64_t ignore_index, const at::Tensor& grad_hidden_unscaled,
                  const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias,
-                 int64_t vocab_start, int64_t vocab_end, const std::optional<at::Tensor>& probs_out) {
+                 int64_t vocab_start, int64_t vocab_end, const std::optional<at::Tensor>& probs_out, double scale,
+                 double softcap, const std::optional<at::Tensor>& delta_out) {
   const auto [N, V, D] = check_logprob_inputs(hidden, weight, labels, bias);
+  check_transform(scale, softcap);
   TORCH_CHECK(0 <= vocab_start && vocab_start <= vocab_end && vocab_end <= V,
               "vocab_start, vocab_end must satisfy 0 <= start <= end <= V=", V, ", got ", vocab_start, ", ", vocab_end);
   const int64_t width = vocab_end - vocab_start;
@@ -105,17 +138,8 @@ void logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   const bool gw_range = grad_weight.has_value() && grad_weight->dim() == 2 && grad_weight->size(0) == width;
   if (grad_weight.has_value()) check_fp32(*grad_weight, hidden, "grad_weight", {gw_range ? width : V, D});
   if (grad_bias.has_value()) check_fp32(*grad_bias, hidden, "grad_bias", {V});
-  int64_t probs_stride = width;
-  if (probs_out.has_value()) {
-    // A column slice of a wider chunk buffer is fine: only unit column stride is needed.
-    check_cuda(*probs_out, hidden, "probs_out", /*contiguous=*/false);
-    TORCH_CHECK(probs_out->scalar_type() == at::kFloat && probs_out->dim() == 2 && probs_out->size(0) == N &&
-                    probs_out->size(1) == width && (width <= 1 || probs_out->stride(1) == 1) &&
-                    (N <= 1 || probs_out->stride(0) >= width),
-                "probs_out must be float32 [", N, ", ", width, "] with unit column stride, got ",
-                probs_out->scalar_type(), " ", probs_out->sizes(), " strides ", probs_out->strides());
-    probs_stride = N > 1 ? probs_out->stride(0) : width;
-  }
+  const int64_t probs_stride = probs_out.has_value() ? check_chunk(*probs_out, hidden, "probs_out", N, width) : width;
+  const int64_t delta_stride = delta_out.has_value() ? check_chunk(*delta_out, hidden, "delta_out", N, width) : width;
   if (N == 0 || width == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
   auto opt_f32 = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; };
@@ -137,7 +161,11 @@ void logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight, const at::T
                           vocab_start,
                           vocab_end,
                           ignore_index,
-                          gw_range ? vocab_start : 0};
+                          gw_range ? vocab_start : 0,
+                          static_cast<float>(scale),
+                          static_cast<float>(softcap),
+                          opt_f32(delta_out),
+                          delta_stride};
   C10_CUDA_CHECK(ef::logprob_bwd(args, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
@@ -249,7 +277,7 @@ void pair_wgrad(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "entangle_fast CUDA kernels (register through entangle_fast._cuda, not directly)";
-  m.def("logprob_fwd", &logprob_fwd, "fused log-prob forward -> (logprobs, lse)");
+  m.def("logprob_fwd", &logprob_fwd, "fused log-prob forward -> (logprobs, lse, entropy, logit_sum, argmax)");
   m.def("logprob_bwd", &logprob_bwd, "fused log-prob backward, accumulating in place");
   m.def("ghost_gram", &ghost_gram, "ghost Gram of segment pairs -> (values, positions)");
   m.def("pair_wgrad", &pair_wgrad, "pair-by-pair weight gradient with per-pair statistics, in place");

@@ -32,13 +32,23 @@ struct LogprobFwdArgs {
   const int64_t* labels;  // [N]
   float* logprobs;        // [N] out
   float* lse;             // [N] out
-  float* workspace;       // logprob_fwd_workspace_floats(N, V, num_sms) floats, contents irrelevant
+  float* workspace;       // logprob_fwd_workspace_floats(N, V, num_sms, metrics) floats, contents irrelevant
   int64_t N, V, D, ignore_index;
   int num_sms;
+  // Logit transform z = f(l): scale * l, then softcap * tanh(. / softcap) when softcap > 0.
+  float scale, softcap;
+  // Token metrics of softmax(z), or all nullptr: entropy [N], logit_sum [N] and argmax [N] out, and
+  // arg_workspace, logprob_fwd_splits(N, V, num_sms) * N int64 of scratch.
+  float* entropy;
+  float* logit_sum;
+  int64_t* argmax;
+  int64_t* arg_workspace;
 };
 
-// Floats of scratch the forward needs: running (max, sum, target) per row for each vocabulary split.
-int64_t logprob_fwd_workspace_floats(int64_t N, int64_t V, int num_sms);
+// Vocabulary splits of the forward, and the floats of scratch it needs: running (max, sum, target) per row for each
+// split, plus (entropy sum, logit sum) with metrics.
+int64_t logprob_fwd_splits(int64_t N, int64_t V, int num_sms);
+int64_t logprob_fwd_workspace_floats(int64_t N, int64_t V, int num_sms, bool metrics);
 cudaError_t logprob_fwd(const LogprobFwdArgs& args, cudaStream_t stream);
 
 struct LogprobBwdArgs {
@@ -56,6 +66,9 @@ struct LogprobBwdArgs {
   int64_t probs_row_stride;
   int64_t N, V, D, vocab_start, vocab_end, ignore_index;
   int64_t grad_weight_row0;      // the vocabulary entry in row 0 of grad_weight (0, or vocab_start for a range buffer)
+  float scale, softcap;          // the logit transform of the forward (softcap 0 = none); lse is that of z = f(l)
+  float* delta_out;              // [N, vocab_end - vocab_start] f'(l) (e_y - p), row stride delta_row_stride, or nullptr
+  int64_t delta_row_stride;
 };
 
 cudaError_t logprob_bwd(const LogprobBwdArgs& args, cudaStream_t stream);
@@ -281,6 +294,12 @@ __device__ __forceinline__ void gram_nt(TileAcc<T>& acc, T* As, T* Bs, const T* 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ int warp_min_int(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 

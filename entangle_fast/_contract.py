@@ -78,12 +78,13 @@ def check_logprob_inputs(hidden, weight, labels, bias) -> tuple[int, int, int, l
 
 
 def check_logprob_bwd_buffers(n, v, d, named, *, lse, grad_logprobs, grad_hidden_unscaled, grad_weight, grad_bias,
-                              vocab_start, vocab_end, probs_out) -> int:
+                              vocab_start, vocab_end, probs_out, delta_out=None) -> int:
     """The buffers and vocabulary range of ``logprob_bwd``; appends them to ``named`` and returns the range width.
 
     ``grad_weight`` is ``[V, d]`` (row v holds vocabulary entry v) or ``[vocab_end - vocab_start, d]`` (row 0 holds
     ``vocab_start``): a buffer for the range only, so a caller can accumulate a low-precision weight's gradient in
-    fp32 one vocabulary chunk at a time (see :func:`grad_weight_row0`)."""
+    fp32 one vocabulary chunk at a time (see :func:`grad_weight_row0`). ``probs_out`` and ``delta_out`` (the
+    transformed deltas f'(l) (e_y - p)) are ``[N, vocab_end - vocab_start]`` or None."""
     if not (isinstance(vocab_start, int) and isinstance(vocab_end, int) and 0 <= vocab_start <= vocab_end <= v):
         raise ValueError(f"vocab_start, vocab_end must be ints with 0 <= start <= end <= V={v}, "
                          f"got {vocab_start}, {vocab_end}")
@@ -91,13 +92,25 @@ def check_logprob_bwd_buffers(n, v, d, named, *, lse, grad_logprobs, grad_hidden
     gw_rows = width if grad_weight is not None and grad_weight.ndim == 2 and grad_weight.shape[0] == width else v
     buffers = [("lse", lse, (n,)), ("grad_logprobs", grad_logprobs, (n,)),
                ("grad_hidden_unscaled", grad_hidden_unscaled, (n, d)), ("grad_weight", grad_weight, (gw_rows, d)),
-               ("grad_bias", grad_bias, (v,)), ("probs_out", probs_out, (n, width))]
+               ("grad_bias", grad_bias, (v,)), ("probs_out", probs_out, (n, width)),
+               ("delta_out", delta_out, (n, width))]
     for name, t, shape in buffers:
-        if t is None and name in ("grad_weight", "grad_bias", "probs_out"):
+        if t is None and name in ("grad_weight", "grad_bias", "probs_out", "delta_out"):
             continue
         check_fp32(name, t, shape)
         named.append((name, t))
     return width
+
+
+def check_transform(scale, softcap) -> tuple[float, float]:
+    """The logit transform's launcher scalars (``entangle_fast.logprobs.transform_args``): a finite nonzero scale, a
+    finite soft-cap >= 0 (0 = none)."""
+    scale, softcap = float(scale), float(softcap)
+    if not (scale == scale and abs(scale) != float("inf") and scale != 0.0):
+        raise ValueError(f"scale must be a finite nonzero number, got {scale!r}")
+    if not (0.0 <= softcap < float("inf")):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = none), got {softcap!r}")
+    return scale, softcap
 
 
 def check_logprob_bwd_call(backend: str, hidden, weight, labels, bias, **buffers) -> tuple[int, int]:

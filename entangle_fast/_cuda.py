@@ -31,6 +31,7 @@ from entangle_fast._contract import (
     check_logprob_inputs,
     check_pair_wgrad_inputs,
     check_placement,
+    check_transform,
 )
 
 JIT_NAME = "entangle_fast_cuda"
@@ -164,34 +165,38 @@ def _jit_build(verbose: bool):
 
 
 @torch.library.custom_op("entangle_fast::logprob_fwd", mutates_args=(), device_types="cuda")
-def _logprob_fwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-                    ignore_index: int) -> Tuple[Tensor, Tensor]:
-    logprobs, lse = load_extension().logprob_fwd(hidden, weight, labels, bias, ignore_index)
-    return logprobs, lse
+def _logprob_fwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
+                    scale: float, softcap: float, metrics: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = load_extension().logprob_fwd(hidden, weight, labels, bias, ignore_index, scale, softcap, metrics)
+    return tuple(outs)
 
 
 @_logprob_fwd_op.register_fake
-def _logprob_fwd_fake(hidden, weight, labels, bias, ignore_index):
+def _logprob_fwd_fake(hidden, weight, labels, bias, ignore_index, scale, softcap, metrics):
     n = hidden.shape[0]
-    return hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n,), dtype=torch.float32)
+    m = n if metrics else 0
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((n,), **f32), hidden.new_empty((n,), **f32), hidden.new_empty((m,), **f32),
+            hidden.new_empty((m,), **f32), hidden.new_empty((m,), dtype=torch.int64))
 
 
 @torch.library.custom_op(
     "entangle_fast::logprob_bwd",
-    mutates_args=("grad_hidden_unscaled", "grad_weight", "grad_bias", "probs_out"),
+    mutates_args=("grad_hidden_unscaled", "grad_weight", "grad_bias", "probs_out", "delta_out"),
     device_types="cuda",
 )
 def _logprob_bwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], lse: Tensor,
                     grad_logprobs: Tensor, ignore_index: int, grad_hidden_unscaled: Tensor,
                     grad_weight: Optional[Tensor], grad_bias: Optional[Tensor], vocab_start: int, vocab_end: int,
-                    probs_out: Optional[Tensor]) -> None:
+                    probs_out: Optional[Tensor], scale: float, softcap: float, delta_out: Optional[Tensor]) -> None:
     load_extension().logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index,
-                                 grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out)
+                                 grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out,
+                                 scale, softcap, delta_out)
 
 
 @_logprob_bwd_op.register_fake
 def _logprob_bwd_fake(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, grad_hidden_unscaled,
-                      grad_weight, grad_bias, vocab_start, vocab_end, probs_out):
+                      grad_weight, grad_bias, vocab_start, vocab_end, probs_out, scale, softcap, delta_out):
     return None
 
 
@@ -214,36 +219,42 @@ def _ghost_gram_fake(a, gamma, ids, cu_seqlens, seg_pairs, tmax_i, tmax_j, posit
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def cuda_logprob_fwd(hidden, weight, labels, bias, ignore_index):
-    """Token log-probs of `labels` under softmax(hidden @ weight.T + bias), never forming [N, V] (CUDA C++ kernels).
+def cuda_logprob_fwd(hidden, weight, labels, bias, ignore_index, *, scale=1.0, softcap=0.0, metrics=False):
+    """Token log-probs of `labels` under softmax(f(hidden @ weight.T + bias)), never forming [N, V] (CUDA C++).
 
     The contract of ``entangle_fast.kernels.logprob.logprob_fwd``: hidden [N, d], weight [V, d], bias [V] or None,
     one dtype among fp32/bf16/fp16, contiguous, on one CUDA device; labels int64 [N], rows equal to ignore_index get
-    logprob 0.0, other labels must lie in [0, V). Returns (logprobs, lse), both fp32 [N].
+    logprob 0.0, other labels must lie in [0, V); f(l) = scale * l, then softcap * tanh(. / softcap) when softcap > 0.
+    Returns (logprobs, lse), both fp32 [N]; with metrics (logprobs, lse, entropy, logit_sum, argmax int64), all [N].
     """
     _, _, _, named = check_logprob_inputs(hidden, weight, labels, bias)
     check_placement(named, "cuda")
-    return torch.ops.entangle_fast.logprob_fwd(hidden, weight, labels, bias, int(ignore_index))
+    scale, softcap = check_transform(scale, softcap)
+    outs = torch.ops.entangle_fast.logprob_fwd(hidden, weight, labels, bias, int(ignore_index), scale, softcap,
+                                               bool(metrics))
+    return tuple(outs) if metrics else (outs[0], outs[1])
 
 
 def cuda_logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, ignore_index, *,
-                     grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out):
+                     grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end, probs_out,
+                     scale=1.0, softcap=0.0, delta_out=None):
     """Accumulate the log-prob gradients of vocab columns [vocab_start, vocab_end) into fp32 buffers (CUDA C++).
 
-    The contract of ``entangle_fast.kernels.logprob.logprob_bwd``: grad_hidden_unscaled [N, d] += du @ W[range],
-    grad_weight [V, d] (or [vocab_end - vocab_start, d], row 0 holding vocab_start) += (g du)^T @ hidden (rows in
-    range; or None), grad_bias [V] += sum_n g du (or None),
-    probs_out [N, vocab_end - vocab_start] = p (0.0 on ignored rows; or None).
+    The contract of ``entangle_fast.kernels.logprob.logprob_bwd``: with du = f'(l) (e_y - p),
+    grad_hidden_unscaled [N, d] += du @ W[range], grad_weight [V, d] (or [vocab_end - vocab_start, d], row 0 holding
+    vocab_start) += (g du)^T @ hidden (rows in range; or None), grad_bias [V] += sum_n g du (or None),
+    probs_out [N, vocab_end - vocab_start] = p and delta_out (same shape) = du (0.0 on ignored rows; or None).
     """
     n, width = check_logprob_bwd_call(
         "cuda", hidden, weight, labels, bias, lse=lse, grad_logprobs=grad_logprobs,
         grad_hidden_unscaled=grad_hidden_unscaled, grad_weight=grad_weight, grad_bias=grad_bias,
-        vocab_start=vocab_start, vocab_end=vocab_end, probs_out=probs_out)
+        vocab_start=vocab_start, vocab_end=vocab_end, probs_out=probs_out, delta_out=delta_out)
+    scale, softcap = check_transform(scale, softcap)
     if n == 0 or width == 0:
         return
     torch.ops.entangle_fast.logprob_bwd(hidden, weight, labels, bias, lse, grad_logprobs, int(ignore_index),
                                         grad_hidden_unscaled, grad_weight, grad_bias, vocab_start, vocab_end,
-                                        probs_out)
+                                        probs_out, scale, softcap, delta_out)
 
 
 def cuda_ghost_gram_fwd(a, gamma, ids, cu_seqlens, seg_pairs, *, positions: bool = False):

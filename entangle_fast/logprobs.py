@@ -64,25 +64,9 @@ def transform_args(transform: LogitTransform | None) -> tuple[float, float]:
 
 
 def _launchers(backend: str):
-    """The ``(fwd, bwd)`` launchers of a resolved backend, from the table of :mod:`entangle_fast._backend`; the kernels
-    that lack the transform and metrics arguments are wrapped by :func:`_plain_launchers`."""
-    fwd, bwd = launcher("logprob_fwd", backend), launcher("logprob_bwd", backend)
-    if backend == "torch" or backend in _KERNELS_WITH_TRANSFORM_AND_METRICS:
-        return fwd, bwd
-    return _plain_launchers(fwd, bwd)
-
-
-def _plain_launchers(fwd, bwd):
-    """Launchers without the transform and metrics arguments, called only with their defaults (see :func:`_route`)."""
-    def plain_fwd(*args, scale=1.0, softcap=0.0, metrics=False):
-        assert scale == 1.0 and not softcap and not metrics, "routed to a kernel without transform/metrics support"
-        return fwd(*args)
-
-    def plain_bwd(*args, scale=1.0, softcap=0.0, delta_out=None, **kwargs):
-        assert scale == 1.0 and not softcap and delta_out is None, "routed to a kernel without transform support"
-        return bwd(*args, **kwargs)
-
-    return plain_fwd, plain_bwd
+    """The ``(fwd, bwd)`` launchers of a resolved backend, from the table of :mod:`entangle_fast._backend` (every
+    backend takes the logit transform and the token metrics)."""
+    return launcher("logprob_fwd", backend), launcher("logprob_bwd", backend)
 
 
 def _vocab_chunks(n: int, v: int, with_stats: bool, max_cols: int | None = None):
@@ -316,22 +300,6 @@ def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | Non
             )
 
 
-# Backends whose launchers take the transform scalars and the metrics flag (the PyTorch path always does).
-_KERNELS_WITH_TRANSFORM_AND_METRICS: tuple[str, ...] = ()
-
-
-def _route(backend: str, impl: str, transform: LogitTransform | None, token_metrics: bool) -> str:
-    """The backend that runs: ``impl="auto"`` falls back to the PyTorch path for a feature its kernel lacks; an
-    explicit kernel backend raises naming it."""
-    needs = [name for name, on in (("transform", transform is not None and not transform.identity),
-                                   ("token_metrics", token_metrics)) if on]
-    if backend == "torch" or not needs or backend in _KERNELS_WITH_TRANSFORM_AND_METRICS:
-        return backend
-    if impl == "auto":
-        return "torch"
-    raise NotImplementedError(f"impl={impl!r} does not implement {' and '.join(needs)} yet; use impl='torch'")
-
-
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -356,8 +324,7 @@ def linear_logprobs(
         weight: ``[V, d]`` output embedding, same dtype. bias: ``[V]`` or None.
         labels: ``[...]`` int64 targets aligned with ``hidden`` (no shift here); ``ignore_index`` marks skipped tokens.
         impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise), ``"triton"``, ``"cuda"`` (CUDA C++ kernels of csrc/),
-            ``"torch"``. The kernels have no logit transform or token metrics yet: ``"auto"`` then runs the PyTorch
-            path, and an explicit ``"triton"`` or ``"cuda"`` raises NotImplementedError.
+            ``"torch"``; every backend takes the logit transform and the token metrics.
         pairs: with ``token_stats``: ``[P, 2]`` (chosen row, rejected row) over the rows of ``hidden [R, T, d]``;
             default row i with row R/2 + i (TRL's concatenated layout).
         token_stats: also compute :class:`~entangle_fast.token_stats.OutputLayerTokenStats` in the backward; requires
@@ -375,7 +342,7 @@ def linear_logprobs(
         ``(logprobs, handle, metrics)``.
     """
     _validate(hidden, weight, labels, bias, ignore_index, transform)
-    backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, token_metrics)
+    backend = resolve_impl(impl, hidden.device, hidden.dtype)
     if transform is not None and transform.identity:
         transform = None
     listeners = active_listeners()
@@ -432,7 +399,7 @@ def output_layer_token_stats(
     _validate(hidden, weight, labels, bias, ignore_index, transform)
     if hidden.ndim != 3:
         raise ValueError(f"hidden must have shape [R, T, d]; got {tuple(hidden.shape)}")
-    backend = _route(resolve_impl(impl, hidden.device, hidden.dtype), impl, transform, False)
+    backend = resolve_impl(impl, hidden.device, hidden.dtype)
     transform = transform if transform is not None and not transform.identity else IDENTITY
     fwd, _ = _launchers(backend)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()

@@ -29,7 +29,6 @@ TRANSFORMS = {
     "scale+softcap": LogitTransform(scale=1.7, softcap=3.0),
 }
 TF_IDS = list(TRANSFORMS)
-BACKENDS = ["torch"]  # the kernels join as they gain the transform and the metrics
 
 
 def make_inputs(n, v, d, dtype, *, bias=True, seed=0, ignore=(), lead=None):
@@ -89,7 +88,7 @@ def test_float64_transform_is_exact(tf, n, v, d, bias, monkeypatch):
         assert_exact64(a, e, rtol=1e-12, name=f"{tf} grad {name}")
 
 
-@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("impl", backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tf", ["granite", "scale+softcap"])
 def test_transform_low_precision_no_worse_than_pytorch(impl, dtype, tf):
@@ -149,7 +148,7 @@ def test_float64_metrics_are_exact(tf, n, v, d, monkeypatch):
     assert torch.equal(logprobs, linear_logprobs(hidden, weight, labels, bias=b, impl="torch", transform=transform))
 
 
-@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("impl", backends())
 def test_argmax_ties_take_the_lowest_index(impl, monkeypatch):
     """Equal maxima in different vocabulary tiles (and splits): the lowest index wins, as in torch.argmax."""
     small_tiles(monkeypatch)
@@ -166,7 +165,7 @@ def test_argmax_ties_take_the_lowest_index(impl, monkeypatch):
     assert metrics.argmax.tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("impl", backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tf", [None, "scale+softcap"])
 def test_metrics_low_precision_no_worse_than_pytorch(impl, dtype, tf):
@@ -267,7 +266,7 @@ def test_backward_record_carries_the_transform(monkeypatch):
     assert len(seen) == 1 and seen[0].transform == TRANSFORMS["softcap"]
 
 
-@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("impl", backends())
 @pytest.mark.parametrize("tf", ["cohere", "scale+softcap"])
 def test_float32_token_stats_under_transform(impl, tf, monkeypatch):
     small_tiles(monkeypatch)

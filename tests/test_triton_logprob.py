@@ -288,3 +288,86 @@ def test_bwd_rejects_bad_inputs(case, match):
 
 def test_has_triton_flag():
     assert HAS_TRITON
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logit transform (scale, softcap) and token metrics at the launcher level
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _transform_truth(h, w, b, labels, g, scale, softcap):
+    """(logprobs, dL/dW, r, p, du, entropy, logit_sum, argmax) through the float64 reference with the transform; and
+    the same through plain PyTorch in h's dtype."""
+    from entangle_fast.logit_transform import LogitTransform
+    from entangle_fast.reference import linear_logprobs_reference, token_metrics_reference, transformed_logits_reference
+
+    tf = LogitTransform(scale, softcap or None)
+
+    def run(h, w, b):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+        out = linear_logprobs_reference(*leaves[:2], labels, leaves[2], IGNORE, transform=tf)
+        gw = torch.autograd.grad((g.to(out.dtype) * out).sum(), leaves[1], retain_graph=True)[0]
+        r = torch.autograd.grad(out.sum(), leaves[0], retain_graph=True)[0]
+        # du = dlp/dl for every row at once: the gradient of sum lp w.r.t. the pre-transform logits.
+        logits = (leaves[0] @ leaves[1].T + leaves[2]).to(out.dtype).detach().requires_grad_(True)
+        z = tf(logits)
+        lp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != IGNORE)
+        (du,) = torch.autograd.grad(lp.sum(), logits)
+        p = torch.softmax(z, -1).detach() * (labels != IGNORE)[:, None]
+        met = token_metrics_reference(h, w, b, transform=tf)
+        return out.detach(), gw, r, p, du, met["entropy"], met["logit_sum"], transformed_logits_reference(h, w, b,
+                                                                                                         transform=tf)
+
+    return run(h.double(), w.double(), b.double()), run(h, w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("scale,softcap", [(0.125, 0.0), (1.7, 3.0)])
+@pytest.mark.parametrize("num_splits", [1, 5, 40])
+def test_transform_and_metrics_match_reference(dtype, scale, softcap, num_splits):
+    N, V, d = 33, 1001, 16
+    h, w, b, labels, g = _inputs(N, V, d, dtype, True, seed=int(scale * 10) + num_splits)
+    truth, lowp = _transform_truth(h, w, b, labels, g, scale, softcap)
+    lp, lse, ent, zsum, arg = logprob_fwd(h, w, labels, b, IGNORE, num_splits=num_splits, scale=scale,
+                                          softcap=softcap, metrics=True)
+    assert_close_to_reference(lp, truth[0], lowp[0], name="logprobs")
+    assert_close_to_reference(ent, truth[5], lowp[5], margin=1e-6, name="entropy")
+    assert_close_to_reference(zsum, truth[6], lowp[6], margin=1e-6 * truth[6].abs().max().item(), name="logit_sum")
+    z64, z_low = truth[7], lowp[7].double()
+    slack = 2 * (z_low - z64).abs().max().item() + 1e-6
+    shortfall = z64.max(-1).values - z64.gather(-1, arg[:, None]).squeeze(-1)
+    assert arg.dtype == torch.int64 and (shortfall <= slack).all(), f"argmax off by {shortfall.max().item():.3e}"
+    plain_lp, plain_lse = logprob_fwd(h, w, labels, b, IGNORE, num_splits=num_splits, scale=scale, softcap=softcap)
+    torch.testing.assert_close(plain_lse, lse, rtol=0, atol=0)
+
+    out = _zeros_like_grads(N, V, d, V)
+    delta = torch.full((N, V), float("nan"), device=DEVICE)
+    logprob_bwd(h, w, labels, b, lse, g, IGNORE, vocab_start=0, vocab_end=V, scale=scale, softcap=softcap,
+                delta_out=delta, **out)
+    assert_close_to_reference(out["grad_weight"], truth[1], lowp[1], name="grad_weight")
+    assert_close_to_reference(out["grad_hidden_unscaled"], truth[2], lowp[2], name="grad_hidden_unscaled")
+    assert_close_to_reference(out["probs_out"], truth[3], lowp[3], name="probs_out")
+    assert_close_to_reference(delta, truth[4], lowp[4], name="delta_out")
+    assert (delta[labels == IGNORE] == 0).all(), "ignored rows of delta_out must be 0.0"
+
+
+def test_metrics_argmax_ties_across_splits():
+    """The same maximum in several splits: the lowest index wins, as torch.argmax."""
+    N, V, d = 4, 1001, 16
+    h, w, b, labels, _ = _inputs(N, V, d, torch.float32, True, seed=8)
+    top = torch.argmax(h @ w.T + b, dim=-1)
+    for a in top.tolist():
+        for j in ((a + 300) % V, (a + 700) % V):
+            w[j], b[j] = w[a], b[a]
+    want = torch.argmax(h.double() @ w.double().T + b.double(), dim=-1)
+    for splits in (1, 7, 40):
+        *_, arg = logprob_fwd(h, w, labels, b, IGNORE, num_splits=splits, metrics=True)
+        assert arg.tolist() == want.tolist(), f"{splits} splits"
+
+
+@pytest.mark.parametrize("kw, match", [(dict(scale=0.0), "scale"), (dict(softcap=-1.0), "softcap"),
+                                       (dict(scale=float("nan")), "scale")])
+def test_transform_scalars_are_checked(kw, match):
+    h, w, b, labels, _ = _inputs(7, 100, 16, torch.float32, True, seed=1)
+    with pytest.raises(ValueError, match=match):
+        logprob_fwd(h, w, labels, b, IGNORE, **kw)
