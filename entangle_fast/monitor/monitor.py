@@ -2,11 +2,14 @@
 
 Forward hooks keep each covered module's input; a tensor hook on its output receives the gradient there (gamma). At
 row r that gradient is a_r * d s_r / d(output), because chosen and rejected rows never meet inside the network
-(docs/math.md section 4), so per-row gradient inner products of every layer follow from (input, gamma) alone:
-ghost sums or explicit per-row gradients for linear maps (whichever is cheaper), id-matched sums for embeddings,
-per-position vjps for norms, the fused op's own statistics for the output head, and the cross terms of a parameter
-two modules share. Single-module reductions run inside the backward, as each gamma arrives, and release the module's
-tensors; units that share a parameter (tied embeddings) are reduced once the backward is over.
+(docs/math.md section 4), so per-row gradient inner products of every layer follow from (input, gamma) alone. How is
+each module kind's business: the reducer registry of :mod:`entangle_fast.monitor.kinds` (linear maps, embeddings by
+their lookup, position-wise modules, the generic per-row path); the output head takes the fused op's own statistics,
+and a parameter two modules share adds its cross terms. Covered linear layers are book-kept by default: they run
+through :class:`~entangle_fast.monitor.kinds.linear.BookkeptLinear`, whose backward forms their weight gradients
+pair by pair with the statistics from the same partial sums (docs/math.md section 4.2). Single-module reductions run
+inside the backward, as each gamma arrives, and release the module's tensors; units that share a parameter (tied
+embeddings) are reduced once the backward is over.
 """
 from __future__ import annotations
 
@@ -65,9 +68,10 @@ class EntanglementMonitor:
     per-sequence log-probs (any function of them: DPO, IPO, hinge, ...).
 
     Each covered module's input is kept from its forward until its output gradient arrives (the size of the
-    activations autograd keeps anyway); activation checkpointing, reentrant or not, is supported. Linear layers take
-    the ghost form or the explicit per-row gradient, whichever costs less for the batch's kept token counts
-    (:func:`entangle_fast.monitor.reductions.choose_linear_path`); position attribution needs the ghost form.
+    activations autograd keeps anyway); activation checkpointing, reentrant or not, is supported. Linear layers are
+    book-kept (``bookkeeping``); otherwise they take the ghost form or the explicit per-row gradient, whichever costs
+    less for the batch's kept token counts (:func:`entangle_fast.monitor.reductions.choose_linear_path`); position
+    attribution needs the ghost form. Coverage and costs of every kind: docs/monitor.md.
 
     Args:
         model: the policy (a Hugging Face causal LM, PEFT-wrapped or not, or any module of covered kinds).
