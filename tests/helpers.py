@@ -28,6 +28,17 @@ def backends():
 
 
 
+def small_vocab_tiles(monkeypatch) -> None:
+    """Several vocabulary tiles, row chunks and statistics chunks of the PyTorch log-prob path even at test sizes
+    (V = 1001 is a multiple of none of them)."""
+    import entangle_fast._torch.logprob as torch_lp
+    import entangle_fast.logprobs as lp_mod
+
+    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
+    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 64 * 8)
+    monkeypatch.setattr(lp_mod, "STATS_CHUNK_ELEMENTS", 64 * 40)
+
+
 def left_padded(batch: dict) -> dict:
     """The rows of a right-padded batch rolled so that their padding comes first (in place; returned)."""
     for r in range(batch["input_ids"].shape[0]):

@@ -7,8 +7,6 @@ per token for the token statistics): float64 on the PyTorch path to 1e-12, and o
 import pytest
 import torch
 
-import entangle_fast._torch.logprob as torch_lp
-import entangle_fast.logprobs as lp_mod
 from entangle_fast import linear_logprobs, output_layer_token_stats
 from entangle_fast.logit_transform import LogitTransform
 from entangle_fast.logprobs import TokenMetrics
@@ -18,7 +16,7 @@ from entangle_fast.reference import (
     token_metrics_reference,
     transformed_logits_reference,
 )
-from helpers import assert_close_to_reference, assert_exact64, backends, first_index
+from helpers import assert_close_to_reference, assert_exact64, backends, first_index, small_vocab_tiles
 
 # Granite divides by logits_scaling (8), Cohere multiplies by logit_scale (0.0625 in Command-R; 3.0 here makes the
 # scale matter at test sizes), Gemma 2/3 soft-cap (30; 2.0 here so tanh is far from linear on logits of a few units).
@@ -45,13 +43,6 @@ def make_inputs(n, v, d, dtype, *, bias=True, seed=0, ignore=(), lead=None):
     return cast(hidden), cast(weight), labels, cast(b)
 
 
-def small_tiles(monkeypatch):
-    """Several vocabulary tiles, row chunks and statistics chunks even at test sizes."""
-    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
-    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 64 * 8)
-    monkeypatch.setattr(lp_mod, "STATS_CHUNK_ELEMENTS", 64 * 40)
-
-
 def grads(fn, hidden, weight, bias, upstream):
     leaves = [t.detach().requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     out = fn(*leaves)
@@ -74,7 +65,7 @@ def ref_fn(labels, tf):
 @pytest.mark.parametrize("tf", TF_IDS)
 @pytest.mark.parametrize("n,v,d,bias", [(7, 100, 16, True), (33, 1001, 3, False), (1, 1, 3, True)])
 def test_float64_transform_is_exact(tf, n, v, d, bias, monkeypatch):
-    small_tiles(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     transform = TRANSFORMS[tf]
     hidden, weight, labels, b = make_inputs(n, v, d, torch.float64, bias=bias, ignore=(0,) if n > 2 else ())
     upstream = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -132,7 +123,7 @@ def test_bad_transform_names_the_argument():
 @pytest.mark.parametrize("tf", [None] + TF_IDS)
 @pytest.mark.parametrize("n,v,d", [(7, 100, 16), (33, 1001, 3), (1, 1, 3)])
 def test_float64_metrics_are_exact(tf, n, v, d, monkeypatch):
-    small_tiles(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     transform = TRANSFORMS.get(tf)
     hidden, weight, labels, b = make_inputs(n, v, d, torch.float64, ignore=(0,) if n > 2 else (), lead=(1, n))
     logprobs, metrics = linear_logprobs(hidden, weight, labels, bias=b, impl="torch", transform=transform,
@@ -151,7 +142,7 @@ def test_float64_metrics_are_exact(tf, n, v, d, monkeypatch):
 @pytest.mark.parametrize("impl", backends())
 def test_argmax_ties_take_the_lowest_index(impl, monkeypatch):
     """Equal maxima in different vocabulary tiles (and splits): the lowest index wins, as in torch.argmax."""
-    small_tiles(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     n, v, d = 5, 300, 16
     hidden, weight, labels, b = make_inputs(n, v, d, torch.float32, seed=4)
     top = torch.argmax(transformed_logits_reference(hidden, weight, b), dim=-1)
@@ -229,7 +220,7 @@ def stats_rows(dtype, seed=0, bias=True):
 @pytest.mark.parametrize("tf", TF_IDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_float64_token_stats_under_transform(tf, bias, monkeypatch):
-    small_tiles(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     transform = TRANSFORMS[tf]
     hidden, weight, labels, b = stats_rows(torch.float64, bias=bias)
     h = hidden.clone().requires_grad_(True)
@@ -269,7 +260,7 @@ def test_backward_record_carries_the_transform(monkeypatch):
 @pytest.mark.parametrize("impl", backends())
 @pytest.mark.parametrize("tf", ["cohere", "scale+softcap"])
 def test_float32_token_stats_under_transform(impl, tf, monkeypatch):
-    small_tiles(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     transform = TRANSFORMS[tf]
     hidden, weight, labels, b = stats_rows(torch.float32, seed=6)
     h = hidden.clone().requires_grad_(True)

@@ -2,13 +2,11 @@
 import pytest
 import torch
 
-import entangle_fast._torch.logprob as torch_lp
-import entangle_fast.logprobs as lp_mod
 from entangle_fast import linear_logprobs, output_layer_token_stats, preference_logprobs
 from entangle_fast.models import BUILTIN_PAIRS, TinyConfig, build_tokenizer, encode_pairs, tiny_model
 from entangle_fast.preference import backbone_hidden_states, output_head
 from entangle_fast.reference import output_layer_token_stats_reference
-from helpers import assert_close_to_reference, assert_exact64, backends
+from helpers import assert_close_to_reference, assert_exact64, backends, small_vocab_tiles
 
 KEYS = {"token_matrix": "K_wl", "hidden_gram": "hidden_gram", "chosen_matrix": "K_ww", "rejected_matrix": "K_ll"}
 SCALARS = ("inner", "chosen_sq_norm", "rejected_sq_norm", "cosine")
@@ -22,13 +20,6 @@ def rows(r, t, d, v, dtype=torch.float64, *, seed=0, bias=True):
     labels = torch.randint(0, v, (r, t), generator=g)
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     return cast(hidden), cast(weight), labels, cast(b)
-
-
-def small_chunks(monkeypatch):
-    """Several vocabulary chunks and tiles even at test sizes (V = 1001 is not a multiple of either)."""
-    monkeypatch.setattr(torch_lp, "TORCH_VOCAB_TILE", 64)
-    monkeypatch.setattr(torch_lp, "TORCH_TILE_ELEMENTS", 64 * 8)
-    monkeypatch.setattr(lp_mod, "STATS_CHUNK_ELEMENTS", 64 * 40)
 
 
 def stats_by_backward(hidden, weight, labels, bias, pairs=None, impl="torch", upstream=None):
@@ -52,7 +43,7 @@ def check_against_reference(stats, ref, *, rtol=1e-9):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_float64_matches_per_token_backward(bias, monkeypatch):
-    small_chunks(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     hidden, weight, labels, b = rows(6, 9, 5, 1001, bias=bias)
     labels[0, :4] = -100      # prompt
     labels[3, 7:] = -100      # right padding -> T_w != T_l
@@ -66,7 +57,7 @@ def test_float64_matches_per_token_backward(bias, monkeypatch):
 
 
 def test_explicit_pairs_and_identical_responses(monkeypatch):
-    small_chunks(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     hidden, weight, labels, b = rows(3, 7, 4, 300)
     hidden[2], labels[2] = hidden[0], labels[0]   # row 2 repeats row 0 token for token
     pairs = [(0, 2), (1, 0), (2, 1)]
@@ -78,7 +69,7 @@ def test_explicit_pairs_and_identical_responses(monkeypatch):
 
 
 def test_standalone_equals_backward(monkeypatch):
-    small_chunks(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     hidden, weight, labels, b = rows(4, 6, 8, 129)
     via_backward, _ = stats_by_backward(hidden, weight, labels, b)
     standalone = output_layer_token_stats(hidden, weight, labels, bias=b, full_matrices=True)
@@ -89,7 +80,7 @@ def test_standalone_equals_backward(monkeypatch):
 
 def test_recorded_upstream_is_dl_ds(monkeypatch):
     """a_w, a_l are the gradients the summed (or averaged) sequence log-probs received from the loss."""
-    small_chunks(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     hidden, weight, labels, b = rows(4, 5, 6, 77)
     labels[1, :2] = -100
     h = hidden.clone().requires_grad_(True)
@@ -107,7 +98,7 @@ def test_recorded_upstream_is_dl_ds(monkeypatch):
 
 
 def test_gradients_unchanged_by_statistics(monkeypatch):
-    small_chunks(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     hidden, weight, labels, b = rows(4, 7, 8, 1001, dtype=torch.float32)
     upstream = torch.randn(4, 7)
     _, with_stats = stats_by_backward(hidden, weight, labels, b, upstream=upstream)
@@ -119,7 +110,7 @@ def test_gradients_unchanged_by_statistics(monkeypatch):
 
 @pytest.mark.parametrize("impl", backends())
 def test_float32_no_worse_than_pytorch(impl, monkeypatch):
-    small_chunks(monkeypatch)
+    small_vocab_tiles(monkeypatch)
     hidden, weight, labels, b = rows(4, 6, 16, 300, dtype=torch.float32)
     labels[0, :2] = -100
     pairs = [(0, 2), (1, 3)]
