@@ -40,7 +40,7 @@ from torch import Tensor
 from entangle_fast import _backend
 from entangle_fast._backend import launcher, resolve_impl
 from entangle_fast._contract import check_index_pairs, check_segments
-from entangle_fast._torch.pair_wgrad import torch_pair_wgrad, torch_pair_wgrad_dense
+from entangle_fast._torch.pair_wgrad import is_default_layout, torch_pair_wgrad, torch_pair_wgrad_dense
 
 _backend.register("pair_wgrad", torch="entangle_fast._torch.pair_wgrad:torch_pair_wgrad",
                   triton="entangle_fast.kernels.pair_wgrad:pair_wgrad", cuda="entangle_fast._cuda:cuda_pair_wgrad")
@@ -67,11 +67,8 @@ class PairWeightGrad:
     rejected: Tensor
 
 
-def _validate(a, gamma, cu_seqlens, pairs, out_dtype) -> tuple[Tensor, Tensor]:
-    """The pair_weight_grad contract; returns host copies of ``(cu_seqlens, pairs)``.
-
-    Raises ValueError / TypeError naming the argument.
-    """
+def _check_tensors(a, gamma, out_dtype) -> None:
+    """The tensor part of the pair_weight_grad contract. Raises ValueError / TypeError naming the argument."""
     for name, t in (("a", a), ("gamma", gamma)):
         if not isinstance(t, Tensor) or t.dtype not in _FLOATS:
             raise TypeError(f"{name} must be a float32/bfloat16/float16/float64 tensor, got "
@@ -84,7 +81,17 @@ def _validate(a, gamma, cu_seqlens, pairs, out_dtype) -> tuple[Tensor, Tensor]:
         raise TypeError(f"a dtype {a.dtype} differs from gamma dtype {gamma.dtype}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be a floating dtype among {_FLOATS}, got {out_dtype}")
-    for name, t in (("a", a), ("cu_seqlens", cu_seqlens), ("pairs", pairs)):
+    if a.device != gamma.device:
+        raise ValueError(f"a is on {a.device} but gamma is on {gamma.device}")
+
+
+def _validate(a, gamma, cu_seqlens, pairs, out_dtype) -> tuple[Tensor, Tensor]:
+    """The pair_weight_grad contract; returns host copies of ``(cu_seqlens, pairs)``.
+
+    Raises ValueError / TypeError naming the argument.
+    """
+    _check_tensors(a, gamma, out_dtype)
+    for name, t in (("cu_seqlens", cu_seqlens), ("pairs", pairs)):
         if isinstance(t, Tensor) and t.device != gamma.device:
             raise ValueError(f"{name} is on {t.device} but gamma is on {gamma.device}")
     cu = check_segments(cu_seqlens, gamma.shape[0])
@@ -108,6 +115,30 @@ def pair_plan(cu_seqlens: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     unpaired = torch.nonzero((first == n) & (lengths > 0)).reshape(-1)
     return fold, unpaired
+
+
+class PairPlan:
+    """``pairs`` checked once for ``rows`` rows of one width, with :func:`pair_plan`'s fold and unpaired rows: what
+    every layer of a step shares (the monitor builds one per step and hands it to :func:`pair_weight_grad_dense`).
+
+    Attributes: ``rows``; ``pairs [B, 2]`` int64, ``fold [B, 2]`` int32, ``unpaired [U]`` int64 on the host;
+    ``ordered``: the default layout (row i with row B + i, every row paired once). :meth:`on` gives device copies,
+    made once per device.
+    """
+
+    def __init__(self, rows: int, pairs: Tensor):
+        self.rows = int(rows)
+        self.pairs = check_index_pairs(pairs, self.rows)
+        self.fold, self.unpaired = pair_plan(torch.arange(self.rows + 1, dtype=torch.int64), self.pairs)
+        self.ordered = is_default_layout(self.pairs, self.rows)
+        self._copies: dict = {}
+
+    def on(self, device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(pairs, fold, unpaired)`` on ``device``."""
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = tuple(t.to(device) for t in (self.pairs, self.fold, self.unpaired))
+        return self._copies[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,18 +198,20 @@ def pair_weight_grad(
 def pair_weight_grad_dense(
     a: Tensor,
     gamma: Tensor,
-    pairs: Tensor,
+    pairs: Tensor | None = None,
     *,
     bias: bool = False,
     out_dtype: torch.dtype | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    plan: PairPlan | None = None,
 ) -> PairWeightGrad:
     """:func:`pair_weight_grad` for rows of one width, without packing.
 
     Args:
         a: ``[R, T, d_in]`` layer inputs; gamma: ``[R, T, d_out]`` output gradients (zero on padding positions, which
             then add nothing). pairs, bias, out_dtype, impl, chunk_rows: as in :func:`pair_weight_grad`.
+        plan: a :class:`PairPlan` for these R rows instead of ``pairs`` (checked once, shared by the layers of a step).
 
     Returns:
         :class:`PairWeightGrad`, equal to :func:`pair_weight_grad` of the packed rows (every row T tokens).
@@ -189,12 +222,25 @@ def pair_weight_grad_dense(
     if a.shape[:2] != gamma.shape[:2]:
         raise ValueError(f"a [R, T] = {tuple(a.shape[:2])} differs from gamma [R, T] = {tuple(gamma.shape[:2])}")
     n_rows, t = a.shape[:2]
-    cu = torch.arange(n_rows + 1, dtype=torch.int64, device=gamma.device) * t
-    a2, g2 = a.reshape(n_rows * t, a.shape[2]), gamma.reshape(n_rows * t, gamma.shape[2])
+    if (plan is None) == (pairs is None):
+        raise ValueError("pass exactly one of pairs and plan")
+    if plan is None:
+        if isinstance(pairs, Tensor) and pairs.device != gamma.device:
+            raise ValueError(f"pairs is on {pairs.device} but gamma is on {gamma.device}")
+        plan = PairPlan(n_rows, pairs)
+    elif plan.rows != n_rows:
+        raise ValueError(f"the plan is for {plan.rows} rows but a has {n_rows}")
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    cu_host, pr = _validate(a2, g2, cu, pairs, out_dtype)
-    if resolve_impl(impl, gamma.device, gamma.dtype) != "torch":
-        return pair_weight_grad(a2, g2, cu, pairs, bias=bias, out_dtype=out_dtype, impl=impl)
-    fold, unpaired = pair_plan(cu_host, pr)
-    return _result(*torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
-                                           chunk_rows=chunk_rows))
+    a2, g2 = a.reshape(n_rows * t, a.shape[2]), gamma.reshape(n_rows * t, gamma.shape[2])
+    _check_tensors(a2, g2, out_dtype)
+    backend = resolve_impl(impl, gamma.device, gamma.dtype)
+    device = gamma.device
+    pr, fold, unpaired = plan.on(device)
+    if t == 0:
+        unpaired = unpaired[:0]
+    if backend == "torch":
+        return _result(*torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
+                                               chunk_rows=chunk_rows, ordered=plan.ordered))
+    cu = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * t
+    args = (a2.contiguous(), g2.contiguous(), cu, pr.contiguous(), fold, unpaired)
+    return _result(*launcher("pair_wgrad", backend)(*args, bias=bias, out_dtype=out_dtype))

@@ -163,7 +163,7 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
             grad_hidden_unscaled=r, grad_weight=None, grad_bias=None, vocab_start=v0, vocab_end=v1,
             probs_out=None, scale=scale, softcap=softcap, delta_out=delta)
         delta.mul_(g)  # loss units: the head gradient's factor at each token
-        res = pair_weight_grad_dense(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.pairs,
+        res = pair_weight_grad_dense(rows, delta.view(sums.rows, sums.width, v1 - v0), plan=sums.plan,
                                      bias=need_bias_grad, out_dtype=weight.dtype, impl=impl)
         gw[v0:v1] = res.grad_weight
         if gb is not None:

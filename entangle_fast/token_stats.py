@@ -366,6 +366,17 @@ class PairSums:
         self.pairs, self.ignore_index = pairs, ignore_index
         self.labels = labels
         self.values = torch.zeros(3, pairs.shape[0], dtype=compute_dtype, device=labels.device)
+        self._plan = None
+
+    @property
+    def plan(self):
+        """The pairs checked once for the rows (:class:`entangle_fast.bookkeeping.PairPlan`), for every vocabulary
+        tile."""
+        if self._plan is None:
+            from entangle_fast.bookkeeping import PairPlan
+
+            self._plan = PairPlan(self.rows, self.pairs)
+        return self._plan
 
     def add(self, inner: Tensor, chosen: Tensor, rejected: Tensor) -> None:
         self.values += torch.stack([inner, chosen, rejected]).to(self.values.dtype)

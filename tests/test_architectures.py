@@ -89,24 +89,29 @@ def test_monitor_exact_against_per_response_gradients(arch, padding):
     model.zero_grad(set_to_none=True)
     fused_step(model, batch)
     plain = [p.grad.clone() for p in params]
-    model.zero_grad(set_to_none=True)
-    with EntanglementMonitor(model) as mon:
-        fused_step(model, batch)
-    for name, key in (("inner", "inner"), ("chosen_sq_norm", "chosen_sq_norm"),
-                      ("rejected_sq_norm", "rejected_sq_norm")):
-        assert_exact64(getattr(mon.stats, name), ref[key], rtol=1e-8, name=f"{arch} {name}")
-    # Book-keeping forms the layers' weight gradients itself: equal to autograd's up to summation order, 1e-12
-    # relative. A parameter whose gradient vanishes analytically (a key projection's bias: softmax ignores a shift)
-    # holds rounding noise either way, so each parameter is measured against its module's gradient scale.
+    # Two steps with one monitor, as in training: on the second, position-wise modules checked on the first take
+    # per-row views of their parameters, so their per-row gradients come from the step's own backward.
+    mon = EntanglementMonitor(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    module_scale: dict[str, float] = {}
-    for p, g in zip(params, plain):
-        owner = names[id(p)].rsplit(".", 1)[0]
-        module_scale[owner] = max(module_scale.get(owner, 0.0), g.abs().max().item())
-    for p, g in zip(params, plain):
-        scale = module_scale[names[id(p)].rsplit(".", 1)[0]]
-        err = (p.grad - g).abs().max().item()
-        assert err <= 1e-12 * max(scale, 1e-300), f"{arch} {names[id(p)]}: .grad differs by {err:.3e} (scale {scale:.3e})"
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        with mon:
+            fused_step(model, batch)
+        for name, key in (("inner", "inner"), ("chosen_sq_norm", "chosen_sq_norm"),
+                          ("rejected_sq_norm", "rejected_sq_norm")):
+            assert_exact64(getattr(mon.stats, name), ref[key], rtol=1e-8, name=f"{arch} step {step} {name}")
+        # Book-keeping forms the layers' weight gradients itself: equal to autograd's up to summation order, 1e-12
+        # relative. A parameter whose gradient vanishes analytically (a key projection's bias: softmax ignores a
+        # shift) holds rounding noise either way, so each parameter is measured against its module's gradient scale.
+        module_scale: dict[str, float] = {}
+        for p, g in zip(params, plain):
+            owner = names[id(p)].rsplit(".", 1)[0]
+            module_scale[owner] = max(module_scale.get(owner, 0.0), g.abs().max().item())
+        for p, g in zip(params, plain):
+            scale = module_scale[names[id(p)].rsplit(".", 1)[0]]
+            err = (p.grad - g).abs().max().item()
+            assert err <= 1e-12 * max(scale, 1e-300), \
+                f"{arch} step {step} {names[id(p)]}: .grad differs by {err:.3e} (scale {scale:.3e})"
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

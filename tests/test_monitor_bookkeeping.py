@@ -79,12 +79,16 @@ def test_accumulation_hooks_and_restored_forwards():
         assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"{name} accumulated .grad")
 
     mon = EntanglementMonitor(model)
-    layers = [mon.coverage.entries[i].module for i in mon._bookkept]
+    modules = list(model.modules())
+    before = [vars(m).get("forward") for m in modules]  # the tiny model's norms have their own forward
     with pytest.raises(ValueError, match="boom"):
         with mon:
-            assert all("forward" in vars(m) for m in layers)
+            # The norms, checked on the steps above, run on per-row views of their weights.
+            swapped = [mon.coverage.entries[i].module for i in sorted(mon._bookkept | mon._row_param)]
+            assert len(mon._row_param) == 2 * TINY.num_layers + 1
+            assert all(vars(m).get("forward") is not old for m, old in zip(modules, before) if m in swapped)
             raise ValueError("boom")
-    assert not any("forward" in vars(m) for m in layers), "a book-kept layer's forward was left swapped"
+    assert all(vars(m).get("forward") is old for m, old in zip(modules, before)), "a layer's forward was left swapped"
 
 
 def test_bookkeeping_under_autocast():
@@ -110,3 +114,75 @@ def test_bookkeeping_under_autocast():
         assert p.grad.dtype == torch.float32
         assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
                                   margin=1e-3 * params64[name].grad.abs().max().item(), name=name)
+
+
+class _ScaleShift(torch.nn.Module):
+    """Position-wise, parameters used elementwise: per-row views of them broadcast correctly."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d, dtype=torch.float64))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(x) * (1 + self.weight) + self.bias
+
+
+class _MeanShift(torch.nn.Module):
+    """Position-wise, but a parameter enters through its mean: per-row views would mix the rows' copies, so the
+    first reduction's check must keep it on the per-row vjp."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.weight + self.weight.mean()
+
+
+@pytest.mark.parametrize("cls", [_ScaleShift, _MeanShift, torch.nn.LayerNorm])
+def test_positionwise_modules_on_per_row_views(cls):
+    """From the second monitored step on, a position-wise module that was checked to take per-row copies of its
+    parameters runs the step's own forward on per-row views of them, and its per-row gradients come out of the step's
+    own backward; modules that fail the check (a parameter's mean, F.layer_norm's shape check) keep the vjp. The
+    statistics stay exact and .grad stays equal to the unmonitored step's to float64 rounding either way."""
+    from entangle_fast.monitor import register_positionwise
+    from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer
+    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
+
+    if cls is not torch.nn.LayerNorm:
+        register_positionwise(cls)
+    torch.manual_seed(0)
+    d, vocab = 6, 11
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, d, dtype=torch.float64),
+                                cls(d) if cls is not torch.nn.LayerNorm else cls(d, dtype=torch.float64),
+                                torch.nn.Linear(d, vocab, dtype=torch.float64))
+    norm = model[1]
+    ids = torch.randint(0, vocab, (6, 5))
+
+    def logps():
+        lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
+        return lp[:3], lp[3:]
+
+    params = [p for p in model.parameters()]
+    grads = flat_gradients_reference(torch.cat(logps()), params)
+    ref = entanglement_reference(grads[:3], grads[3:])
+    model.zero_grad(set_to_none=True)
+    chosen, rejected = logps()
+    (chosen * COEF - rejected).sum().backward()
+    plain = _grads(model)
+
+    mon = EntanglementMonitor(model)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        with mon:
+            chosen, rejected = logps()
+            mon.watch(chosen, rejected)
+            (chosen * COEF - rejected).sum().backward()
+        on_views = mon.coverage.entries.index(next(e for e in mon.coverage.entries if e.module is norm)) in mon._row_param
+        assert on_views == (step == 1 and cls is _ScaleShift)
+        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+            assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-10, name=f"step {step} {key}")
+        for name, g in plain.items():
+            assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name}")
+    assert PositionwiseReducer.takes_row_params(norm) == (cls is _ScaleShift)

@@ -193,6 +193,40 @@ def test_torch_path_float64(bias, chunk_rows):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["default", "shuffled"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("cache", [None, 64], ids=["one_slice", "slices"])
+@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one_chunk", "chunk2"])
+def test_dense_torch_path_float64_with_plan(monkeypatch, layout, bias, cache, chunk_rows):
+    """The dense PyTorch path in float64, given a PairPlan: the default layout (row i with row B + i: no gather, dW a
+    plain sum) and a shuffled one, d_out in one slice and in many, pairs in one chunk and in several, all agree with
+    the reference; the plan is the pairs' own."""
+    import entangle_fast._torch.pair_wgrad as tp
+    from entangle_fast.bookkeeping import PairPlan
+    from entangle_fast.data import default_pairs
+
+    if cache is not None:
+        monkeypatch.setattr(tp, "CACHE_ELEMENTS", cache)
+    n_rows, t, d_in, d_out = 6, 5, 7, 9
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(n_rows, t, d_in, generator=gen, dtype=torch.float64).to(DEVICE)
+    gamma = torch.randn(n_rows, t, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
+    pairs = default_pairs(n_rows) if layout == "default" else torch.tensor([[4, 1], [0, 5], [2, 3]])
+    plan = PairPlan(n_rows, pairs)
+    assert plan.ordered == (layout == "default")
+    got = pair_weight_grad_dense(a, gamma, plan=plan, bias=bias, impl="torch", chunk_rows=chunk_rows)
+    cu = torch.arange(n_rows + 1, device=DEVICE) * t
+    want = pair_weight_grad_reference(a.reshape(-1, d_in), gamma.reshape(-1, d_out), cu, pairs.to(DEVICE), bias=bias)
+    scale = pair_weight_grad_reference(a.abs().reshape(-1, d_in), gamma.abs().reshape(-1, d_out), cu,
+                                       pairs.to(DEVICE), bias=bias)
+    for name in ("grad_weight", *STATS) + (("grad_bias",) if bias else ()):
+        _assert_close(getattr(got, name), getattr(want, name), 1e-14 * getattr(scale, name), f"fp64 {name}")
+    with pytest.raises(ValueError, match="plan is for 6 rows"):
+        pair_weight_grad_dense(a[:4], gamma[:4], plan=plan)
+    with pytest.raises(ValueError, match="exactly one of pairs and plan"):
+        pair_weight_grad_dense(a, gamma, pairs.to(DEVICE), plan=plan)
+
+
 @pytest.mark.parametrize("impl", _backends())
 def test_dense_form_equals_packed(impl):
     """Rows of one width T = 20 padded from the variable lengths: gamma is 0 on the padding (a is not), so the dense

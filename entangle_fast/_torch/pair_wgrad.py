@@ -29,39 +29,76 @@ def _pairs_per_chunk(d_in: int, d_out: int, t_max: int, itemsize: int, chunk_row
 CACHE_ELEMENTS = 1 << 20
 
 
+_STAT_INDEX: dict = {}
+
+
+def _stat_index(b: int, device) -> Tensor:
+    """Flat positions in a ``[2b, 2b]`` Gram matrix of rows (chosen rows, then rejected) of ``<G_w, G_l>``,
+    ``||G_w||^2`` and ``||G_l||^2`` for each of the b pairs: ``[3b]``."""
+    key = (b, str(device))
+    if key not in _STAT_INDEX:
+        i = torch.arange(b, device=device)
+        n = 2 * b
+        _STAT_INDEX[key] = torch.cat([i * n + b + i, i * n + i, (b + i) * n + b + i])
+    return _STAT_INDEX[key]
+
+
 def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor | None, stats: Tensor,
-                   pairs_per_chunk: int) -> None:
+                   pairs_per_chunk: int, ordered: bool = False) -> None:
     """The pair loop of the PyTorch path: for each chunk of b pairs, ``blocks(rows)`` gives the rows' zero-padded
     inputs ``([2b, T, d_in], [2b, T, d_out])`` in the compute dtype (chosen rows first, then rejected). Per slice of
-    d_out, one bmm forms the rows' gradients ``[2b, s, d_in]``; one Gram product of the flattened slices gives every
-    dot product the statistics need, one matrix-vector product folds the rows into ``gw``: two passes over a slice
-    that is still in cache, instead of one pass per statistic over the whole ``[2b, d_out, d_in]``."""
+    d_out, one bmm forms the rows' gradients ``[2b, s, d_in]``; one Gram product of the flattened slices accumulates
+    every dot product the statistics need, one matrix-vector product folds the rows into ``gw`` (a plain sum over the
+    rows when ``ordered``: every row in one pair): two passes over a slice that is still in cache, instead of one pass
+    per statistic over the whole ``[2b, d_out, d_in]``. The statistics are read off the accumulated ``[2b, 2b]`` Gram
+    matrix once per chunk.
+
+    ``gw``, ``gb`` and ``stats`` may be uninitialised (``torch.empty``): the first chunk writes them, later ones add.
+    """
     n_pairs = pairs.shape[0]
     d_out, d_in = gw.shape
     for c0 in range(0, n_pairs, pairs_per_chunk):
         c1 = min(c0 + pairs_per_chunk, n_pairs)
         b = c1 - c0
-        rows = torch.cat([pairs[c0:c1, 0], pairs[c0:c1, 1]])
-        x, g = blocks(rows)
-        weights = torch.cat([fold[c0:c1, 0], fold[c0:c1, 1]]).to(gw.dtype)
+        x, g = blocks(pairs[c0:c1].T.reshape(-1))  # chosen rows, then rejected rows
+        weights = None if ordered else fold[c0:c1].T.reshape(1, -1).to(gw.dtype)
         gt = g.transpose(1, 2)
         step = max(1, CACHE_ELEMENTS // max(2 * b * d_in, 1))
-        idx = torch.arange(b, device=gw.device)
+        gram = None
         for o0 in range(0, d_out, step):
             o1 = min(o0 + step, d_out)
-            flat = torch.bmm(gt[:, o0:o1], x).view(2 * b, -1)  # the only live per-row gradients
-            gram = flat @ flat.T
-            stats[0, c0:c1] += gram[idx, b + idx]
-            stats[1, c0:c1] += gram[idx, idx]
-            stats[2, c0:c1] += gram[b + idx, b + idx]
-            gw[o0:o1] += (weights @ flat).view(o1 - o0, d_in)
+            rows = torch.bmm(gt[:, o0:o1], x)  # [2b, s, d_in]: the only live per-row gradients
+            flat = rows.view(2 * b, -1)
+            gram = flat @ flat.T if gram is None else gram.addmm_(flat, flat.T)
+            if ordered:
+                torch.sum(rows, 0, out=gw[o0:o1])
+            elif c0 == 0:
+                torch.mm(weights, flat, out=gw[o0:o1].view(1, -1))
+            else:
+                gw[o0:o1].view(1, -1).addmm_(weights, flat)
         if gb is not None:
             sums = g.sum(dim=1)  # [2b, d_out] per-row bias gradients
-            gram = sums @ sums.T
-            stats[0, c0:c1] += gram[idx, b + idx]
-            stats[1, c0:c1] += gram[idx, idx]
-            stats[2, c0:c1] += gram[b + idx, b + idx]
-            gb.add_(weights @ sums)
+            gram = sums @ sums.T if gram is None else gram.addmm_(sums, sums.T)
+            if ordered:
+                torch.sum(sums, 0, out=gb)
+            elif c0 == 0:
+                torch.mm(weights, sums, out=gb.view(1, -1))
+            else:
+                gb.view(1, -1).addmm_(weights, sums)
+        if gram is None:  # d_out == 0
+            stats[:, c0:c1] = 0
+        elif c0 == 0 and c1 == n_pairs:
+            torch.take(gram, _stat_index(b, gram.device), out=stats.view(-1))
+        else:
+            stats[:, c0:c1] = torch.take(gram, _stat_index(b, gram.device)).view(3, b)
+
+
+def _outputs(d_out: int, d_in: int, n_pairs: int, bias: bool, cdt: torch.dtype, device):
+    """``(grad_weight, grad_bias | None, stats)`` buffers: written by the first chunk of pairs, so left uninitialised
+    unless there is none."""
+    new = torch.empty if n_pairs else torch.zeros
+    return (new(d_out, d_in, dtype=cdt, device=device), new(d_out, dtype=cdt, device=device) if bias else None,
+            new(3, n_pairs, dtype=cdt, device=device))
 
 
 def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor, *,
@@ -85,9 +122,7 @@ def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor
     device = a.device
     d_in, d_out = a.shape[1], gamma.shape[1]
     pairs, fold = pairs.to(device), fold.to(device)
-    gw = torch.zeros(d_out, d_in, dtype=cdt, device=device)
-    gb = torch.zeros(d_out, dtype=cdt, device=device) if bias else None
-    stats = torch.zeros(3, pairs.shape[0], dtype=cdt, device=device)
+    gw, gb, stats = _outputs(d_out, d_in, pairs.shape[0], bias, cdt, device)
     starts, lens_dev = cu[:-1].to(device), lengths.to(device)
     t_max = int(lengths.max()) if n_rows else 0
 
@@ -119,26 +154,42 @@ def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor
 
 
 def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor, *, bias: bool,
-                           out_dtype: torch.dtype, chunk_rows: int | None = None):
+                           out_dtype: torch.dtype, chunk_rows: int | None = None, ordered: bool | None = None):
     """The PyTorch path for rows of one width: a ``[R, T, d_in]``, gamma ``[R, T, d_out]`` (padding positions carry
     zero gradients). Each chunk of pairs indexes its rows out of the ``[R, T, d]`` inputs, no padding to build.
-    Same outputs as :func:`torch_pair_wgrad`."""
+    ``ordered``: whether ``pairs`` is the default layout (row i with row B + i, every row paired once), which needs no
+    gather; None works it out. Same outputs as :func:`torch_pair_wgrad`."""
     cdt = compute_dtype(a.dtype)
     device = a.device
     n_rows, t, d_in = a.shape
     d_out = gamma.shape[2]
     pairs, fold = pairs.to(device), fold.to(device)
-    gw = torch.zeros(d_out, d_in, dtype=cdt, device=device)
-    gb = torch.zeros(d_out, dtype=cdt, device=device) if bias else None
-    stats = torch.zeros(3, pairs.shape[0], dtype=cdt, device=device)
+    per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
+    if ordered is None:
+        ordered = is_default_layout(pairs, n_rows)
+    ordered = ordered and per_chunk >= pairs.shape[0]
+    if ordered and n_rows * d_out * d_in <= CACHE_ELEMENTS and not unpaired.numel():
+        # Small layers in the default layout (every row paired once, in order): every per-row gradient at once.
+        x, g = a.to(cdt), gamma.to(cdt)
+        rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
+        flat = rows.view(n_rows, -1)
+        gram = flat @ flat.T
+        gw = rows.sum(0)
+        gb = None
+        if bias:
+            sums = g.sum(dim=1)
+            gram.addmm_(sums, sums.T)
+            gb = sums.sum(0).to(out_dtype)
+        stats = torch.take(gram, _stat_index(n_rows // 2, gram.device)).view(3, -1)
+        return gw.to(out_dtype), gb, stats
+    gw, gb, stats = _outputs(d_out, d_in, pairs.shape[0], bias, cdt, device)
 
     def blocks(rows: Tensor):
-        if rows.shape[0] == n_rows and bool((rows == torch.arange(n_rows, device=rows.device)).all()):
-            return a.to(cdt), gamma.to(cdt)  # every row in order (the default layout): no gather
+        if ordered:  # every row in order (the default layout): no gather
+            return a.to(cdt), gamma.to(cdt)
         return a.index_select(0, rows).to(cdt), gamma.index_select(0, rows).to(cdt)
 
-    per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
-    _chunked_pairs(blocks, pairs, fold, gw, gb, stats, per_chunk)
+    _chunked_pairs(blocks, pairs, fold, gw, gb, stats, per_chunk, ordered)
     if unpaired.numel() and t:
         unpaired = unpaired.to(device)
         g_u = gamma.index_select(0, unpaired).to(cdt).reshape(-1, d_out)
@@ -147,3 +198,11 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
             gb.add_(g_u.sum(dim=0))
     return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats
 
+
+def is_default_layout(pairs: Tensor, n_rows: int) -> bool:
+    """Whether ``pairs [B, 2]`` is row i with row B + i for every i, over exactly ``n_rows = 2B`` rows."""
+    b = pairs.shape[0]
+    if n_rows != 2 * b:
+        return False
+    expected = torch.arange(n_rows, device=pairs.device).view(2, b).T
+    return bool(torch.equal(pairs, expected))

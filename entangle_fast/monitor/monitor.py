@@ -28,6 +28,7 @@ from entangle_fast.monitor.coverage import UncoveredParametersError, build_cover
 from entangle_fast.monitor.kinds import CaptureError, Context, Use
 from entangle_fast.monitor.kinds.base import stock_forward
 from entangle_fast.monitor.kinds.linear import BookkeptLinear, bookkeep
+from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer, row_param_forward
 from entangle_fast.monitor.preflight import check_model, warn_if_dropout
 from entangle_fast.monitor.stats import EntanglementStats, classify
 from entangle_fast.sketch import SketchCache
@@ -125,6 +126,7 @@ class EntanglementMonitor:
         self._sketches = SketchCache(self.seed, sketch_dim)
         self.bookkeeping = bool(bookkeeping)
         self._bookkept = self._bookkept_entries() if self.bookkeeping else set()
+        self._row_param: set[int] = set()
         # Parameters of modules on the generic per-row path, checked against autograd's gradient (a shared parameter
         # sums several uses, so only parameters of one module are checked).
         self._row_checked = {id(getattr(e.module, a)) for e in self.coverage.entries if e.kind == "rowwise"
@@ -146,6 +148,11 @@ class EntanglementMonitor:
             for idx in sorted(self._bookkept):
                 self._handles.append(_ForwardSwap(self.coverage.entries[idx].module,
                                                   partial(self._bookkept_forward, idx)))
+            self._row_param = self._row_param_entries() if self.bookkeeping else set()
+            for idx in sorted(self._row_param):
+                module = self.coverage.entries[idx].module
+                forward = vars(module).get("forward") or partial(type(module).forward, module)
+                self._handles.append(_ForwardSwap(module, partial(self._row_param_forward, idx, forward)))
             for idx, entry in enumerate(self.coverage.entries):
                 if getattr(entry.reducer, "needs_before", False):
                     self._handles.append(entry.module.register_forward_pre_hook(partial(self._on_before, idx),
@@ -227,7 +234,7 @@ class EntanglementMonitor:
             with torch.no_grad():
                 ctx = self._context()
                 rows = ctx.rows or x.shape[0]
-                grad_w, grad_b, terms = bookkeep(x, gamma, self._pairs(rows), transpose=transpose, bias=bias,
+                grad_w, grad_b, terms = bookkeep(x, gamma, self._plan(rows), transpose=transpose, bias=bias,
                                                  rows=rows, width=ctx.width, dtype=dtype)
             self._store(entry.name, terms)
             return grad_w, grad_b
@@ -236,6 +243,49 @@ class EntanglementMonitor:
             g2, x2 = gamma.reshape(-1, gamma.shape[-1]), x.reshape(-1, x.shape[-1])
             grad_w = (x2.T @ g2) if transpose else (g2.T @ x2)
             return grad_w, (g2.sum(0) if module.bias is not None and module.bias.requires_grad else None)
+
+    def _row_param_entries(self) -> set[int]:
+        """Position-wise entries whose per-row gradients come from the step's own backward, through per-row views of
+        their parameters (:func:`~entangle_fast.monitor.kinds.positionwise.row_param_forward`): exact mode without
+        position attribution or kept factors, modules checked to take per-row parameters (on their first monitored
+        step, through the forward they have), parameters of this module alone."""
+        if self.mode != "exact" or self.position_attribution or self.keep_factors:
+            return set()
+        out = set()
+        for idx, e in enumerate(self.coverage.entries):
+            if isinstance(e.reducer, PositionwiseReducer) and e.reducer.takes_row_params(e.module) \
+                    and len(self.coverage.units[self.coverage.unit_of[idx]]) == 1:
+                out.add(idx)
+        return out
+
+    def _row_param_forward(self, idx: int, forward, module: nn.Module, *args, **kwargs):
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if self._replaying or not torch.is_grad_enabled() or not isinstance(x, Tensor) or x.ndim < 3 \
+                or not self._rows_hint or x.shape[0] != self._rows_hint:
+            return forward(*args, **kwargs)  # the forward hook captures it as usual
+        entry = self.coverage.entries[idx]
+        out, views = row_param_forward(module, entry.tracked, x, forward)
+        if not (_in_backward() and idx in self._captured):
+            self._row_param_calls.add(idx)
+            n = x.shape[0]
+            torch.autograd.graph.register_multi_grad_hook(views, partial(self._on_row_param_grads, idx, n))
+        return out
+
+    def _on_row_param_grads(self, idx: int, n_rows: int, grads) -> None:
+        """Backward of a position-wise module on per-row views: each row's gradient is the views' gradient."""
+        entry = self.coverage.entries[idx]
+        self._backward_seen = True
+        self._done_units.add(self.coverage.unit_of[idx])
+        try:
+            with torch.no_grad():
+                cdt = self._cdt()
+                rows = torch.cat([g.detach().reshape(n_rows, -1).to(cdt) if g is not None
+                                  else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,
+                                                   device=self.coverage.params[0].device)
+                                  for a, g in zip(entry.tracked, grads)], dim=1)
+                self._store(entry.name, R.row_grad_terms(rows, self._pairs(n_rows)))
+        except Exception as err:  # noqa: BLE001 - surfaced by .stats
+            self._fail(f"module {entry.name!r}: {err}", err)
 
     def _remove_hooks(self) -> None:
         while self._handles:
@@ -265,6 +315,9 @@ class EntanglementMonitor:
         self._kept: list[F.KeptUse] = []
         self._row_sums: dict[int, Tensor] = {}
         self._param_grads: dict[int, Tensor] = {}
+        self._default_pairs = self._checked_pairs = None
+        self._pair_plan = self._pair_plan_pairs = None
+        self._row_param_calls: set[int] = set()
 
     def _fail(self, message: str, err: BaseException | None = None) -> None:
         self._errors.append((message, err))
@@ -312,7 +365,8 @@ class EntanglementMonitor:
             return None
         entry = self.coverage.entries[idx]
         reducer = entry.reducer
-        if idx in self._bookkept:
+        if idx in self._bookkept or idx in self._row_param_calls:
+            self._row_param_calls.discard(idx)
             if isinstance(output, Tensor) and output.requires_grad:
                 self._captured.add(idx)
                 self._calls[idx] += 1
@@ -471,10 +525,23 @@ class EntanglementMonitor:
         if self._watch is not None:
             pairs = self._watch["pairs"]
         else:
-            pairs = default_pairs(rows)
-        if pairs.numel() and int(pairs.max()) >= rows:
-            raise ValueError(f"pairs index row {int(pairs.max())} but the forward has {rows} rows")
+            if self._default_pairs is None or self._default_pairs.shape[0] * 2 != rows:
+                self._default_pairs = default_pairs(rows)
+            pairs = self._default_pairs
+        if pairs is not self._checked_pairs:
+            if pairs.numel() and int(pairs.max()) >= rows:
+                raise ValueError(f"pairs index row {int(pairs.max())} but the forward has {rows} rows")
+            self._checked_pairs = pairs
         return pairs
+
+    def _plan(self, rows: int):
+        """The step's pairs for book-kept layers, checked once (:class:`entangle_fast.bookkeeping.PairPlan`)."""
+        pairs = self._pairs(rows)
+        if self._pair_plan is None or self._pair_plan.rows != rows or self._pair_plan_pairs is not pairs:
+            from entangle_fast.bookkeeping import PairPlan
+
+            self._pair_plan, self._pair_plan_pairs = PairPlan(rows, pairs), pairs
+        return self._pair_plan
 
     def _cdt(self) -> torch.dtype:
         return R.compute_dtype(self.coverage.params[0].dtype) if self.coverage.params else torch.float32
@@ -587,8 +654,12 @@ class EntanglementMonitor:
         if use is None or use.gamma is None:
             return None
         reducer = use.info.get("reducer", entry.reducer)
-        tok = self._pack(idx, packed)
-        pairs = self._pairs(tok.rows if tok is not None else self._rows_hint)
+        needs = getattr(reducer, "needs_tokens", None)
+        if needs is not None and not needs(self.position_attribution, self.keep_factors):
+            pairs = self._pairs(use.x.shape[0])  # the row layout the reducer captured
+        else:
+            tok = self._pack(idx, packed)
+            pairs = self._pairs(tok.rows if tok is not None else self._rows_hint)
         ctx = self._context()
         ctx.sketch = partial(self._sketch, idx)
         if self.keep_factors:
@@ -686,21 +757,21 @@ class EntanglementMonitor:
             warnings.warn("the loss weights the response tokens of a row unequally: the monitor's statistics are "
                           "those of the token-weighted log-prob sums (with position_attribution the fused head's are of the plain sums)",
                           stacklevel=3)
-        den = {"inner": a_w * a_l, "chosen": a_w * a_w, "rejected": a_l * a_l}
+        # Every module's three terms at once: [M, 3, B], divided by a_w a_l, a_w^2, a_l^2 where in loss units.
+        den = torch.stack([a_w * a_l, a_w * a_w, a_l * a_l])
         nan = torch.tensor(float("nan"), dtype=a_w.dtype, device=a_w.device)
-
-        def to_logprob(x, key, logprob_units):
-            if logprob_units:
-                return torch.where(den[key] != 0, x.to(a_w.dtype), nan)
-            return torch.where(den[key] != 0, x.to(a_w.dtype) / den[key], nan)
-
-        per_module = {}
-        for name, t in self._results.items():
-            per_module[name] = tuple(to_logprob(getattr(t, k), k, t.logprob_units)
-                                     for k in ("inner", "chosen", "rejected"))
-        zero = torch.zeros(b, dtype=a_w.dtype, device=a_w.device)
-        totals = [sum((v[k] for v in per_module.values()), zero) for k in range(3)]
-        inner, nw, nl = (torch.where(den[k] != 0, t, nan) for k, t in zip(("inner", "chosen", "rejected"), totals))
+        names = list(self._results)
+        if names:
+            raw = torch.stack([torch.stack([t.inner, t.chosen, t.rejected]).to(a_w.dtype)
+                               for t in self._results.values()])
+            in_loss = torch.tensor([not t.logprob_units for t in self._results.values()], device=a_w.device)
+            terms = torch.where(den != 0, torch.where(in_loss[:, None, None], raw / den, raw), nan)
+            totals = terms.sum(0)
+        else:
+            terms, totals = None, torch.zeros(3, b, dtype=a_w.dtype, device=a_w.device)
+        per_module = {name: tuple(terms[m].unbind(0)) for m, name in enumerate(names)}
+        inner, nw, nl = torch.where(den != 0, totals, nan).unbind(0)
+        den = dict(zip(("inner", "chosen", "rejected"), den.unbind(0)))
         case, falls, rises = classify(inner, nw, nl, a_w, a_l)
         attribution = None
         if self.position_attribution:

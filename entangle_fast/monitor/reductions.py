@@ -287,6 +287,33 @@ def positionwise_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Ten
     return vmap(per_row, chunk_size=chunk)(x, gamma.to(x.dtype))
 
 
+def broadcast_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor) -> Tensor:
+    """:func:`positionwise_row_grads` by one autograd call instead of a vmap: each parameter ``p`` in ``attrs`` is
+    replaced by per-row copies ``[R, 1, ..., 1, *p.shape]`` that broadcast over the row's items, so the gradient of
+    ``sum output . gamma`` w.r.t. the copies is each row's gradient. Right only for modules that use their parameters
+    elementwise along the features (scale and shift: every norm); callers check it against
+    :func:`positionwise_row_grads` before relying on it. Raises whatever the module raises on such parameters."""
+    from torch.func import functional_call
+
+    n_rows = x.shape[0]
+    copies, views = [], {}
+    with torch.enable_grad():  # the views must record their link to the copies
+        for a in attrs:
+            p = module._parameters[a].detach()
+            if x.ndim - 1 < p.ndim:
+                raise ValueError(f"parameter {a!r} {tuple(p.shape)} has more dimensions than an item of "
+                                 f"{tuple(x.shape)}")
+            copy = p.unsqueeze(0).expand(n_rows, *p.shape).clone().requires_grad_(True)
+            copies.append(copy)
+            views[a] = copy.view(n_rows, *([1] * (x.ndim - 1 - p.ndim)), *p.shape)
+        y = functional_call(module, views, (x,))
+        if not isinstance(y, Tensor) or y.shape != gamma.shape:
+            raise ValueError(f"per-row parameters change the output shape to {tuple(getattr(y, 'shape', ()))}")
+        grads = torch.autograd.grad(y, copies, gamma.to(y.dtype), allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(c)).reshape(n_rows, -1)
+                      for g, c in zip(grads, copies)], dim=1)
+
+
 def row_grad_terms(grads: Tensor, pairs: Tensor) -> Terms:
     """Pair terms from per-row gradient vectors ``grads [R, n]``."""
     g = grads[pairs.reshape(-1).to(grads.device)].view(pairs.shape[0], 2, -1)

@@ -175,14 +175,15 @@ class BookkeptLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def bookkeep(x: Tensor, gamma: Tensor, pairs: Tensor, *, transpose: bool, bias: bool, rows: int, width: int,
+def bookkeep(x: Tensor, gamma: Tensor, plan, *, transpose: bool, bias: bool, rows: int, width: int,
              dtype: torch.dtype) -> tuple[Tensor, Tensor | None, R.Terms]:
     """The weight (and bias) gradient of one linear-like call and its per-pair terms, in one pass
     (:func:`entangle_fast.bookkeeping.pair_weight_grad_dense`): ``(grad_weight, grad_bias | None, Terms)``, the
-    gradients in the parameters' layouts and ``dtype``, the terms in loss units."""
+    gradients in the parameters' layouts and ``dtype``, the terms in loss units. ``plan``: the step's
+    :class:`entangle_fast.bookkeeping.PairPlan`."""
     from entangle_fast.bookkeeping import pair_weight_grad_dense
 
     a, g = as_rows(x, rows, width), as_rows(gamma, rows, width)
-    res = pair_weight_grad_dense(a, g, pairs.to(a.device), bias=bias, out_dtype=dtype)
+    res = pair_weight_grad_dense(a, g, plan=plan, bias=bias, out_dtype=dtype)
     grad_w = res.grad_weight.T if transpose else res.grad_weight
     return grad_w, res.grad_bias, R.Terms(res.inner, res.chosen, res.rejected)

@@ -8,6 +8,8 @@ own dtypes so the vjp repeats its arithmetic; a row's gradient is the sum over i
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -15,6 +17,11 @@ from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows
 
 _POSITIONWISE: set[type] = set()
+
+# Per module: whether per-row parameter copies broadcast through its forward and give the per-row vjp's gradients
+# (checked on its first reduction against the vjp, to the dtype's rounding).
+_BROADCASTS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_BROADCAST_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 def register_positionwise(cls: type) -> type:
@@ -66,17 +73,47 @@ class PositionwiseReducer(Reducer):
             tok.positions = tok.positions % modulo
         return tok
 
+    def needs_tokens(self, positions: bool, keep: bool) -> bool:
+        """Whether :meth:`terms` reads the packed tokens: only for per-position terms or kept factors."""
+        return positions or keep
+
     def terms(self, module, tracked, use, pairs, ctx):
-        tok = use.info["tok"]
         if not ctx.positions and not use.info.get("keep_rows"):
-            # The statistics need each row's gradient only: one vjp per row, batched over the rows.
+            # The statistics need each row's gradient only.
             with ctx.replay():
-                grads = R.positionwise_row_grads(module, tracked, use.x, self.gamma_rows(use, ctx))
+                grads = self._row_grads(module, tracked, use.x, self.gamma_rows(use, ctx))
             return R.row_grad_terms(grads.to(ctx.cdt), pairs)
+        tok = use.info["tok"]
         with ctx.replay():
             grads = R.positionwise_token_grads(module, tracked, tok.a, tok.gamma)
         use.info["token_grads"] = grads
         return R.token_grad_terms(tok, grads.to(ctx.cdt), pairs, positions=ctx.positions)
+
+    @staticmethod
+    def takes_row_params(module) -> bool:
+        """Whether the module has been seen to take per-row parameter copies and give the per-row vjp's gradients
+        (so the step's own forward can run on per-row views of its parameters: :func:`row_param_forward`)."""
+        return bool(_BROADCASTS.get(module))
+
+    @staticmethod
+    def _row_grads(module, tracked, x, gamma):
+        """Each row's gradient ``[R, n_params]``: by per-row copies of the parameters that broadcast over the row's
+        items (one autograd call, :func:`~entangle_fast.monitor.reductions.broadcast_row_grads`) where the module has
+        been seen to take them and give the vjp's answer, else one vjp per row, batched over the rows."""
+        verdict = _BROADCASTS.get(module)
+        if verdict:
+            return R.broadcast_row_grads(module, tracked, x, gamma)
+        grads = R.positionwise_row_grads(module, tracked, x, gamma)
+        if verdict is None:
+            try:
+                fast = R.broadcast_row_grads(module, tracked, x, gamma)
+                scale = grads.abs().max() if grads.numel() else grads.new_zeros(())
+                _BROADCASTS[module] = fast.shape == grads.shape and bool(
+                    ((fast - grads).abs().max() <= _BROADCAST_RTOL.get(grads.dtype, 1e-2) * scale).item()
+                    if grads.numel() else True)
+            except Exception:  # noqa: BLE001 - the module does not take per-row parameters: the vjp stays
+                _BROADCASTS[module] = False
+        return grads
 
     def weighted_gradient(self, module, kept, lam):
         tok = kept.tok
@@ -89,3 +126,25 @@ class PositionwiseReducer(Reducer):
                           for a, p in kept.params.items()])
         return R.per_row(kept.tok, kept.token_grads.to(dtype) @ flat.to(dtype))
 
+
+
+def row_param_forward(module: nn.Module, tracked: tuple[str, ...], x: torch.Tensor, forward=None):
+    """The module's own forward (``forward``, default the class's) on ``x [R, ..., d]`` with each parameter in ``tracked`` replaced by a per-row view
+    ``p.expand(R, 1, ..., 1, *p.shape)`` of itself: the output and the parameters' gradients are the step's own, and
+    the gradient reaching each view is every row's gradient of that parameter (``[R, 1, ..., *p.shape]``), formed by
+    the step's own backward. For modules that :meth:`PositionwiseReducer.takes_row_params`. Returns
+    ``(output, views)``."""
+    saved = {a: module._parameters[a] for a in tracked}
+    n, lead = x.shape[0], x.ndim - 1
+    views = []
+    for a, p in saved.items():
+        ones = [1] * (lead - p.ndim)
+        views.append(p.view(1, *ones, *p.shape).expand(n, *ones, *p.shape))
+    try:
+        for a, v in zip(saved, views):
+            module._parameters[a] = v
+        out = forward(x) if forward is not None else type(module).forward(module, x)
+    finally:
+        for a, p in saved.items():
+            module._parameters[a] = p
+    return out, views
