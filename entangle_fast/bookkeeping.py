@@ -32,7 +32,7 @@ Vertical slice: ``kernels/pair_wgrad.py`` (``_pair_wgrad_kernel`` -> ``pair_wgra
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -56,6 +56,7 @@ class PairWeightGrad:
     inner: ``[B]`` ``<G_w, G_l>`` of each pair (w, l).
     chosen: ``[B]`` ``||G_w||^2``.
     rejected: ``[B]`` ``||G_l||^2``.
+    stats: ``[3, B]`` the three stacked (inner, chosen, rejected), of which those fields are views.
     The three statistics are float32 (float64 for float64 inputs) and include the bias parts ``<b_w, b_l>``,
     ``||b_w||^2``, ``||b_l||^2`` when ``bias=True``.
     """
@@ -65,6 +66,7 @@ class PairWeightGrad:
     inner: Tensor
     chosen: Tensor
     rejected: Tensor
+    stats: Tensor | None = field(default=None, repr=False)
 
 
 def _check_tensors(a, gamma, out_dtype) -> None:
@@ -117,6 +119,10 @@ def pair_plan(cu_seqlens: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
     return fold, unpaired
 
 
+_PLANS: dict = {}  # PairPlan.of's plans, oldest first
+_MAX_PLANS = 64
+
+
 class PairPlan:
     """``pairs`` checked once for ``rows`` rows of one width, with :func:`pair_plan`'s fold and unpaired rows: what
     every layer of a step shares (the monitor builds one per step and hands it to :func:`pair_weight_grad_dense`).
@@ -133,12 +139,25 @@ class PairPlan:
         self.ordered = is_default_layout(self.pairs, self.rows)
         self._copies: dict = {}
 
+    @classmethod
+    def of(cls, rows: int, pairs: Tensor) -> "PairPlan":
+        """The plan for ``rows`` rows and ``pairs``, shared by every caller that asks for the same ones (a training
+        loop asks for the same pairs at every step)."""
+        host = pairs.detach().cpu() if isinstance(pairs, Tensor) else torch.as_tensor(pairs)
+        key = (int(rows), tuple(host.shape), tuple(host.reshape(-1).tolist()))
+        plan = _PLANS.get(key)
+        if plan is None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.pop(next(iter(_PLANS)))
+            plan = _PLANS[key] = cls(rows, host)
+        return plan
+
     def on(self, device) -> tuple[Tensor, Tensor, Tensor]:
         """``(pairs, fold, unpaired)`` on ``device``."""
-        key = str(device)
-        if key not in self._copies:
-            self._copies[key] = tuple(t.to(device) for t in (self.pairs, self.fold, self.unpaired))
-        return self._copies[key]
+        copies = self._copies.get(device)
+        if copies is None:
+            copies = self._copies[device] = tuple(t.to(device) for t in (self.pairs, self.fold, self.unpaired))
+        return copies
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -147,7 +166,7 @@ class PairPlan:
 
 
 def _result(gw, gb, stats) -> PairWeightGrad:
-    return PairWeightGrad(gw, gb, stats[0], stats[1], stats[2])
+    return PairWeightGrad(gw, gb, *stats.unbind(0), stats=stats)
 
 
 def pair_weight_grad(
@@ -231,9 +250,17 @@ def pair_weight_grad_dense(
     elif plan.rows != n_rows:
         raise ValueError(f"the plan is for {plan.rows} rows but a has {n_rows}")
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    a2, g2 = a.reshape(n_rows * t, a.shape[2]), gamma.reshape(n_rows * t, gamma.shape[2])
-    _check_tensors(a2, g2, out_dtype)
-    backend = resolve_impl(impl, gamma.device, gamma.dtype)
+    _check_tensors(a.reshape(n_rows * t, a.shape[2]), gamma.reshape(n_rows * t, gamma.shape[2]), out_dtype)
+    return dense_with_plan(a, gamma, plan, bias=bias, out_dtype=out_dtype,
+                           backend=resolve_impl(impl, gamma.device, gamma.dtype), chunk_rows=chunk_rows)
+
+
+def dense_with_plan(a: Tensor, gamma: Tensor, plan: PairPlan, *, bias: bool, out_dtype: torch.dtype, backend: str,
+                    chunk_rows: int | None = None) -> PairWeightGrad:
+    """:func:`pair_weight_grad_dense` without its checks, on a resolved ``backend``: for callers that hold the contract
+    by construction (the monitor's book-kept layers: ``a`` and ``gamma`` are a linear map's input and output gradient,
+    ``[R, T, d]`` of one floating dtype on one device, and ``plan`` is for their R rows)."""
+    n_rows, t = a.shape[:2]
     device = gamma.device
     pr, fold, unpaired = plan.on(device)
     if t == 0:
@@ -242,5 +269,6 @@ def pair_weight_grad_dense(
         return _result(*torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
                                                chunk_rows=chunk_rows, ordered=plan.ordered))
     cu = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * t
-    args = (a2.contiguous(), g2.contiguous(), cu, pr.contiguous(), fold, unpaired)
+    args = (a.reshape(n_rows * t, a.shape[2]).contiguous(), gamma.reshape(n_rows * t, gamma.shape[2]).contiguous(), cu,
+            pr.contiguous(), fold, unpaired)
     return _result(*launcher("pair_wgrad", backend)(*args, bias=bias, out_dtype=out_dtype))

@@ -339,21 +339,20 @@ def listeners_need_matrices() -> bool:
     return any(matrices for _, matrices in _LISTENERS.get())
 
 
-def upstream_coefficients(row_tokens: list[Tensor], grad_logprobs: Tensor, pairs: Tensor, dtype: torch.dtype):
+def upstream_coefficients(valid: Tensor, grad_logprobs: Tensor, pairs: Tensor, dtype: torch.dtype):
     """``(a_w, a_l, uniform)`` ``[P]``: the mean upstream gradient over each row's response tokens (NaN for an empty
-    row), and whether every response token of both rows received the same one."""
-    num = pairs.shape[0]
-    a_w = torch.full((num,), float("nan"), dtype=dtype, device=grad_logprobs.device)
-    a_l = a_w.clone()
-    uniform = torch.ones(num, dtype=torch.bool, device=grad_logprobs.device)
-    for i, (w, l) in enumerate(pairs.tolist()):
-        gw, gl = grad_logprobs[row_tokens[w]].to(dtype), grad_logprobs[row_tokens[l]].to(dtype)
-        if gw.numel():
-            a_w[i] = gw.mean()
-        if gl.numel():
-            a_l[i] = gl.mean()
-        uniform[i] = bool((gw == gw[:1]).all() and (gl == gl[:1]).all())
-    return a_w, a_l, uniform
+    row), and whether every response token of both rows received the same one; every pair at once. ``valid [R, T]``
+    marks the response tokens, ``grad_logprobs [R * T]``. A row whose response tokens all received the same gradient
+    gets exactly that value."""
+    n_rows, width = valid.shape
+    g = grad_logprobs.reshape(n_rows, width).to(dtype)
+    counts = valid.sum(1)
+    mean = torch.where(valid, g, 0).sum(1) / counts  # 0 / 0: NaN for an empty row
+    first = g.gather(1, valid.to(torch.uint8).argmax(1, keepdim=True))  # the first response token's gradient
+    same = ((g == first) | ~valid).all(1)
+    mean = torch.where(same & (counts > 0), first.squeeze(1), mean)
+    w, l = pairs[:, 0], pairs[:, 1]
+    return mean[w], mean[l], same[w] & same[l]
 
 
 class PairSums:
@@ -375,7 +374,7 @@ class PairSums:
         if self._plan is None:
             from entangle_fast.bookkeeping import PairPlan
 
-            self._plan = PairPlan(self.rows, self.pairs)
+            self._plan = PairPlan.of(self.rows, self.pairs)
         return self._plan
 
     def add(self, inner: Tensor, chosen: Tensor, rejected: Tensor) -> None:
@@ -384,12 +383,10 @@ class PairSums:
     def finalize(self, grad_logprobs: Tensor) -> OutputLayerTokenStats:
         """Log-prob units (divided by a_w a_l, a_w^2, a_l^2), as :class:`OutputLayerTokenStats` without matrices."""
         valid = self.labels != self.ignore_index
-        positions = [torch.nonzero(valid[r]).flatten() for r in range(self.rows)]
-        tokens = [r * self.width + p for r, p in enumerate(positions)]
         cdt = self.values.dtype
-        a_w, a_l, uniform = upstream_coefficients(tokens, grad_logprobs, self.pairs, cdt)
+        a_w, a_l, uniform = upstream_coefficients(valid, grad_logprobs, self.pairs, cdt)
         inner, nw, nl = self.values[0] / (a_w * a_l), self.values[1] / (a_w * a_w), self.values[2] / (a_l * a_l)
-        lengths = torch.tensor([len(p) for p in positions], dtype=torch.long, device=self.labels.device)
+        lengths = valid.sum(1)
         w, l = self.pairs[:, 0], self.pairs[:, 1]
         return OutputLayerTokenStats(
             pairs=self.pairs, chosen_positions=None, rejected_positions=None, chosen_lengths=lengths[w],

@@ -414,3 +414,76 @@ def test_peft_lora_layers_are_covered():
         model.zero_grad(set_to_none=True)
         stats = monitored_step(model, batch, path, position_attribution=True)
         check_against_reference(model, stats, grads, params, attribution=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reductions from per-row gradients, against float64 dense ones
+
+
+def _dense_pair_terms(rows: torch.Tensor, pairs: torch.Tensor):
+    gw, gl = rows[pairs[:, 0]], rows[pairs[:, 1]]
+    return (gw * gl).sum(1), (gw * gw).sum(1), (gl * gl).sum(1)
+
+
+@pytest.mark.parametrize("layout", ["default", "repeated", "none"])
+def test_embedding_sparse_terms_match_dense_row_gradients(layout):
+    from entangle_fast.monitor import reductions as R
+
+    gen = torch.Generator().manual_seed(3)
+    n_rows, width, vocab, d = 6, 7, 5, 4
+    gamma = torch.randn(n_rows, width, d, generator=gen, dtype=torch.float64)
+    gamma[torch.rand(n_rows, width, generator=gen) < 0.3] = 0
+    gamma[2] = 0  # a row with no kept token
+    ids = torch.randint(0, vocab, (n_rows, width), generator=gen)
+    keep = torch.rand(n_rows, width, generator=gen) > 0.2
+    pairs = {"default": torch.tensor([[0, 3], [1, 4], [2, 5]]), "repeated": torch.tensor([[0, 1], [0, 5], [4, 0], [2, 2]]),
+             "none": torch.zeros(0, 2, dtype=torch.int64)}[layout]
+    tok = R.pack(gamma, ids=ids, keep=keep, dtype=torch.float64)
+    dense = torch.zeros(n_rows, vocab, d, dtype=torch.float64)
+    for r in range(n_rows):
+        m = keep[r]
+        dense[r].index_add_(0, ids[r][m], gamma[r][m])
+    got = R.embedding_sparse_terms(tok, pairs)
+    for value, want in zip((got.inner, got.chosen, got.rejected), _dense_pair_terms(dense.reshape(n_rows, -1), pairs)):
+        assert_exact64(value, want)
+
+
+def test_row_grad_terms_default_layout_by_gram():
+    from entangle_fast.monitor import reductions as R
+
+    rows = torch.randn(8, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    pairs = torch.stack([torch.arange(4), torch.arange(4) + 4], 1)
+    want = _dense_pair_terms(rows, pairs)
+    for ordered in (False, True):
+        got = R.row_grad_terms(rows, pairs, ordered=ordered)
+        for value, w in zip((got.inner, got.chosen, got.rejected), want):
+            assert_exact64(value, w)
+
+
+@pytest.mark.parametrize("layout", ["default", "repeated"])
+@pytest.mark.parametrize("dense", [True, False])
+def test_embedding_bookkeep_matches_dense_row_gradients(layout, dense, monkeypatch):
+    """The book-kept embedding's weight gradient and terms, dense [R, V, d] rows and sparse ones, padding id
+    excluded, against float64 dense per-row gradients."""
+    from entangle_fast.bookkeeping import PairPlan
+    from entangle_fast.monitor import reductions as R
+
+    if not dense:
+        monkeypatch.setattr(R, "DENSE_EMBEDDING_ELEMENTS", 0)
+    gen = torch.Generator().manual_seed(5)
+    n_rows, width, vocab, d, pad = 6, 7, 5, 4, 1
+    gamma = torch.randn(n_rows, width, d, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (n_rows, width), generator=gen)
+    ids[:, -1] = pad
+    pairs = {"default": torch.tensor([[0, 3], [1, 4], [2, 5]]), "repeated": torch.tensor([[0, 1], [0, 5], [4, 0]])}[layout]
+    grad_w, got = R.embedding_bookkeep(ids, gamma, PairPlan.of(n_rows, pairs), num_embeddings=vocab, padding_idx=pad,
+                                       dtype=torch.float64, out_dtype=torch.float64)
+    dense_rows = torch.zeros(n_rows, vocab, d, dtype=torch.float64)
+    for r in range(n_rows):
+        keep = ids[r] != pad
+        dense_rows[r].index_add_(0, ids[r][keep], gamma[r][keep])
+    assert_exact64(grad_w, dense_rows.sum(0), rtol=1e-12, name="grad_weight")
+    assert grad_w[pad].abs().max() == 0
+    for value, want in zip((got.inner, got.chosen, got.rejected),
+                           _dense_pair_terms(dense_rows.reshape(n_rows, -1), pairs)):
+        assert_exact64(value, want)

@@ -36,8 +36,11 @@ def test_bookkept_gradients_and_statistics(arch, monkeypatch):
     plain = _grads(model)
 
     calls = []
-    real = monitor_mod.EntanglementMonitor._bookkeep
-    monkeypatch.setattr(monitor_mod.EntanglementMonitor, "_bookkeep", lambda self, idx, *a: calls.append(self.coverage.entries[idx].module) or real(self, idx, *a))
+    for method in ("_bookkeep", "_bookkeep_embedding"):  # linear-like layers, embeddings
+        real = getattr(monitor_mod.EntanglementMonitor, method)
+        monkeypatch.setattr(monitor_mod.EntanglementMonitor, method,
+                            lambda self, idx, *a, real=real: calls.append(self.coverage.entries[idx].module)
+                            or real(self, idx, *a))
     model.zero_grad(set_to_none=True)
     with EntanglementMonitor(model) as mon:
         _step(model, batch)
@@ -45,6 +48,7 @@ def test_bookkept_gradients_and_statistics(arch, monkeypatch):
     bookkept = [mon.coverage.entries[i].module for i in sorted(mon._bookkept) if i != mon.coverage.head]
     assert bookkept and sorted(map(id, calls)) == sorted(map(id, bookkept)), \
         "every book-kept layer formed its gradient once"
+    assert any(isinstance(m, torch.nn.Embedding) for m in bookkept), "the token embedding is book-kept"
     for name, g in plain.items():
         assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"{name} .grad")
     booked = mon.stats
@@ -186,3 +190,60 @@ def test_positionwise_modules_on_per_row_views(cls):
         for name, g in plain.items():
             assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name}")
     assert PositionwiseReducer.takes_row_params(norm) == (cls is _ScaleShift)
+
+
+class _TwoLookups(torch.nn.Module):
+    """Token embedding with a padding id, plus a position embedding called with ``[1, T]`` ids (GPT-2's ``wpe``
+    without position_ids): the first is book-kept, the second is captured by the hooks' path."""
+
+    def __init__(self, vocab, d, width):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d, padding_idx=2, dtype=torch.float64)
+        self.pos = torch.nn.Embedding(width, d, dtype=torch.float64)
+        self.head = torch.nn.Linear(d, vocab, dtype=torch.float64)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))))
+
+
+def test_bookkept_embeddings_padding_and_broadcast_positions(monkeypatch):
+    """A stock nn.Embedding forms its weight gradient in the monitor (sparse per-row gradients, the padding id
+    getting none, as in F.embedding); one called on [1, T] ids falls back to the hooks' path. Statistics exact,
+    .grad equal to the unmonitored step's to float64 rounding (the padding row's stays zero)."""
+    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
+
+    torch.manual_seed(0)
+    vocab, d, width = 9, 5, 6
+    model = _TwoLookups(vocab, d, width)
+    ids = torch.randint(0, vocab, (6, width))
+    ids[:, -2:] = 2  # padding positions, and a repeated id within rows
+    ids[0, 0] = ids[3, 1] = 7  # an id the chosen and the rejected row of pair 0 share
+
+    def logps():
+        lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
+        return lp[:3], lp[3:]
+
+    params = list(model.parameters())
+    ref = entanglement_reference(*flat_gradients_reference(torch.cat(logps()), params).split(3))
+    model.zero_grad(set_to_none=True)
+    chosen, rejected = logps()
+    (chosen * COEF - rejected).sum().backward()
+    plain = _grads(model)
+    assert plain["tok.weight"][2].abs().max() == 0
+
+    formed = []
+    real = monitor_mod.EntanglementMonitor._bookkeep_embedding
+    monkeypatch.setattr(monitor_mod.EntanglementMonitor, "_bookkeep_embedding",
+                        lambda self, idx, *a: formed.append(self.coverage.entries[idx].name) or real(self, idx, *a))
+    model.zero_grad(set_to_none=True)
+    with EntanglementMonitor(model) as mon:
+        chosen, rejected = logps()
+        mon.watch(chosen, rejected)
+        (chosen * COEF - rejected).sum().backward()
+    assert {"tok", "pos", "head"} <= {mon.coverage.entries[i].name for i in mon._bookkept}
+    assert formed == ["tok"], "the [2B, T] lookup is book-kept, the broadcast [1, T] one is not"
+    for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+        assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-10, name=key)
+    for name, g in plain.items():
+        assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"{name} .grad")
+    assert model.tok.weight.grad[2].abs().max() == 0

@@ -32,15 +32,16 @@ CACHE_ELEMENTS = 1 << 20
 _STAT_INDEX: dict = {}
 
 
-def _stat_index(b: int, device) -> Tensor:
+def gram_stat_index(b: int, device) -> Tensor:
     """Flat positions in a ``[2b, 2b]`` Gram matrix of rows (chosen rows, then rejected) of ``<G_w, G_l>``,
     ``||G_w||^2`` and ``||G_l||^2`` for each of the b pairs: ``[3b]``."""
-    key = (b, str(device))
-    if key not in _STAT_INDEX:
+    key = (b, device)
+    index = _STAT_INDEX.get(key)
+    if index is None:
         i = torch.arange(b, device=device)
         n = 2 * b
-        _STAT_INDEX[key] = torch.cat([i * n + b + i, i * n + i, (b + i) * n + b + i])
-    return _STAT_INDEX[key]
+        index = _STAT_INDEX[key] = torch.cat([i * n + b + i, i * n + i, (b + i) * n + b + i])
+    return index
 
 
 def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor | None, stats: Tensor,
@@ -88,9 +89,9 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
         if gram is None:  # d_out == 0
             stats[:, c0:c1] = 0
         elif c0 == 0 and c1 == n_pairs:
-            torch.take(gram, _stat_index(b, gram.device), out=stats.view(-1))
+            torch.take(gram, gram_stat_index(b, gram.device), out=stats.view(-1))
         else:
-            stats[:, c0:c1] = torch.take(gram, _stat_index(b, gram.device)).view(3, b)
+            stats[:, c0:c1] = torch.take(gram, gram_stat_index(b, gram.device)).view(3, b)
 
 
 def _outputs(d_out: int, d_in: int, n_pairs: int, bias: bool, cdt: torch.dtype, device):
@@ -160,17 +161,14 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     ``ordered``: whether ``pairs`` is the default layout (row i with row B + i, every row paired once), which needs no
     gather; None works it out. Same outputs as :func:`torch_pair_wgrad`."""
     cdt = compute_dtype(a.dtype)
-    device = a.device
     n_rows, t, d_in = a.shape
     d_out = gamma.shape[2]
-    pairs, fold = pairs.to(device), fold.to(device)
-    per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
-    ordered = ordered and per_chunk >= pairs.shape[0]
-    if ordered and n_rows * d_out * d_in <= CACHE_ELEMENTS and not unpaired.numel():
+    if ordered and 0 < n_rows * d_out * d_in <= CACHE_ELEMENTS and not unpaired.numel() and chunk_rows is None:
         # Small layers in the default layout (every row paired once, in order): every per-row gradient at once.
-        x, g = a.to(cdt), gamma.to(cdt)
+        x = a if a.dtype == cdt else a.to(cdt)
+        g = gamma if gamma.dtype == cdt else gamma.to(cdt)
         rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
         flat = rows.view(n_rows, -1)
         gram = flat @ flat.T
@@ -179,9 +177,14 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
         if bias:
             sums = g.sum(dim=1)
             gram.addmm_(sums, sums.T)
-            gb = sums.sum(0).to(out_dtype)
-        stats = torch.take(gram, _stat_index(n_rows // 2, gram.device)).view(3, -1)
-        return gw.to(out_dtype), gb, stats
+            gb = sums.sum(0)
+            gb = gb if out_dtype == cdt else gb.to(out_dtype)
+        stats = torch.take(gram, gram_stat_index(n_rows // 2, gram.device)).view(3, -1)
+        return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, stats
+    device = a.device
+    pairs, fold = pairs.to(device), fold.to(device)
+    per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
+    ordered = ordered and per_chunk >= pairs.shape[0]
     gw, gb, stats = _outputs(d_out, d_in, pairs.shape[0], bias, cdt, device)
 
     def blocks(rows: Tensor):

@@ -89,12 +89,6 @@ def _reduce_device(group=None) -> torch.device:
 # Metric sums
 
 
-def _sum_count(values: Tensor) -> tuple[Tensor, Tensor]:
-    v = values.detach().to(torch.float64).reshape(-1)
-    finite = torch.isfinite(v)
-    return torch.where(finite, v, torch.zeros_like(v)).sum(), finite.sum().to(torch.float64)
-
-
 def local_sums(stats: "EntanglementStats | None", *, lr: float, grad_divisor: float = 1.0,
                device: torch.device | None = None) -> Tensor:
     """``[len(METRICS), 2]`` float64: per metric, (sum over this rank's valid pairs, their number).
@@ -129,9 +123,11 @@ def local_sums(stats: "EntanglementStats | None", *, lr: float, grad_divisor: fl
             "predicted_delta_chosen": d_chosen,
             "predicted_delta_rejected": d_rejected,
         }
-        for k, name in enumerate(METRICS):
-            s, c = _sum_count(columns[name].cpu())
-            out[k, 0], out[k, 1] = s, c
+        # One [K, B] float64 block: each metric's sum over its finite entries, and their number.
+        v = torch.stack([columns[name].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+                         for name in METRICS])
+        finite = torch.isfinite(v)
+        out = torch.stack([torch.where(finite, v, 0.0).sum(1), finite.sum(1, dtype=torch.float64)], dim=1)
     return out.to(device)
 
 

@@ -26,10 +26,11 @@ from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.coverage import UncoveredParametersError, build_coverage
 from entangle_fast.monitor.kinds import CaptureError, Context, Use
-from entangle_fast.monitor.kinds.base import stock_forward
+from entangle_fast.monitor.kinds.base import as_rows, stock_forward
+from entangle_fast.monitor.kinds.embedding import BookkeptEmbedding, bookkeepable
 from entangle_fast.monitor.kinds.linear import BookkeptLinear, bookkeep
 from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer, row_param_forward
-from entangle_fast.monitor.preflight import check_model, warn_if_dropout
+from entangle_fast.monitor.preflight import check_model, dropout_modules, warn_if_dropout
 from entangle_fast.monitor.stats import EntanglementStats, classify
 from entangle_fast.sketch import SketchCache
 from entangle_fast.token_stats import BackwardRecord, register_stats_listener
@@ -117,6 +118,7 @@ class EntanglementMonitor:
         self.keep_factors = bool(keep_factors)
         self.coverage = build_coverage(model, params, exclude)
         check_model(model, self.coverage.params)
+        self._dropouts = dropout_modules(model)  # the structure is fixed with the coverage
         if self.position_attribution:
             generic = [e.name for e in self.coverage.entries if e.kind == "rowwise"]
             if generic:
@@ -126,6 +128,8 @@ class EntanglementMonitor:
         self._sketches = SketchCache(self.seed, sketch_dim)
         self.bookkeeping = bool(bookkeeping)
         self._bookkept = self._bookkept_entries() if self.bookkeeping else set()
+        self._forms = {idx: partial(self._bookkeep_embedding if self.coverage.entries[idx].kind == "embedding"
+                                    else self._bookkeep, idx) for idx in self._bookkept}
         self._row_param: set[int] = set()
         # Parameters of modules on the generic per-row path, checked against autograd's gradient (a shared parameter
         # sums several uses, so only parameters of one module are checked).
@@ -133,6 +137,9 @@ class EntanglementMonitor:
                              for a in e.tracked if id(getattr(e.module, a)) not in self.coverage.shared}
         self._handles: list = []
         self._active = False
+        # The default pairs and their book-keeping plan, kept across steps of one batch size.
+        self._default_pairs = self._checked_pairs = None
+        self._pair_plan = self._pair_plan_pairs = None
         self._reset()
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -142,18 +149,22 @@ class EntanglementMonitor:
     def __enter__(self) -> "EntanglementMonitor":
         if self._active:
             raise RuntimeError("this EntanglementMonitor is already active")
-        warn_if_dropout(self.model)
+        warn_if_dropout(self.model, self._dropouts)
         self._reset()
         try:
             for idx in sorted(self._bookkept):
-                self._handles.append(_ForwardSwap(self.coverage.entries[idx].module,
-                                                  partial(self._bookkept_forward, idx)))
+                entry = self.coverage.entries[idx]
+                forward = self._bookkept_lookup if entry.kind == "embedding" else self._bookkept_forward
+                self._handles.append(_ForwardSwap(entry.module, partial(forward, idx)))
             self._row_param = self._row_param_entries() if self.bookkeeping else set()
             for idx in sorted(self._row_param):
                 module = self.coverage.entries[idx].module
                 forward = vars(module).get("forward") or partial(type(module).forward, module)
                 self._handles.append(_ForwardSwap(module, partial(self._row_param_forward, idx, forward)))
+            swapped = self._bookkept | self._row_param  # their swapped forwards note their calls themselves
             for idx, entry in enumerate(self.coverage.entries):
+                if idx in swapped:
+                    continue
                 if getattr(entry.reducer, "needs_before", False):
                     self._handles.append(entry.module.register_forward_pre_hook(partial(self._on_before, idx),
                                                                                 with_kwargs=True))
@@ -200,6 +211,8 @@ class EntanglementMonitor:
                 stock = stock_forward(module, nn.Linear)
             elif e.kind == "conv1d":
                 stock = "forward" not in vars(module)  # the reducer claims transformers' own Conv1D class only
+            elif e.kind == "embedding":
+                stock = bookkeepable(module)
             else:
                 continue
             trainable = {a for a, p in module._parameters.items() if p is not None and p.requires_grad}
@@ -209,10 +222,11 @@ class EntanglementMonitor:
         return out
 
     def _bookkept_forward(self, idx: int, module: nn.Module, x: Tensor) -> Tensor:
-        transpose = self.coverage.entries[idx].kind == "conv1d"
         if self._replaying or not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        transpose = self.coverage.entries[idx].kind == "conv1d"
         weight, bias, device = module.weight, module.bias, x.device.type
+        form = self._forms[idx]
         if torch.is_autocast_enabled(device):
             # What autocast does for a linear map: inputs cast to its dtype (the casts stay in the graph and carry the
             # gradients back to the parameters' dtype), the product in that dtype.
@@ -220,8 +234,64 @@ class EntanglementMonitor:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(device, enabled=False):
-                return BookkeptLinear.apply(x, weight, bias, partial(self._bookkeep, idx), transpose)
-        return BookkeptLinear.apply(x, weight, bias, partial(self._bookkeep, idx), transpose)
+                out = BookkeptLinear.apply(x, weight, bias, form, transpose)
+        else:
+            out = BookkeptLinear.apply(x, weight, bias, form, transpose)
+        self._note_call(idx, module, out)
+        return out
+
+    def _bookkept_lookup(self, idx: int, module: nn.Module, ids, *args, **kwargs) -> Tensor:
+        """The swapped forward of a book-kept ``nn.Embedding``: ids ``[R, T]`` of the step's rows go through
+        :class:`~entangle_fast.monitor.kinds.embedding.BookkeptEmbedding`; any other call is captured as the forward
+        hooks of an embedding would capture it."""
+        if self._replaying or not torch.is_grad_enabled():
+            return type(module).forward(module, ids, *args, **kwargs)
+        if args or kwargs or not isinstance(ids, Tensor) or ids.ndim != 2 or not self._rows_hint \
+                or ids.shape[0] != self._rows_hint:
+            self._on_before(idx, module, (ids, *args), kwargs)
+            out = type(module).forward(module, ids, *args, **kwargs)
+            replaced = self._on_forward(idx, module, (ids, *args), kwargs, out)
+            return out if replaced is None else replaced
+        out = BookkeptEmbedding.apply(ids, module.weight, module.padding_idx, self._forms[idx])
+        self._note_call(idx, module, out)
+        return out
+
+    def _bookkeep_embedding(self, idx: int, ids: Tensor, gamma: Tensor, dtype: torch.dtype) -> Tensor:
+        """Backward of a book-kept embedding: its weight gradient and its per-pair terms, from the same sparse rows."""
+        entry = self.coverage.entries[idx]
+        module = entry.module
+        self._backward_seen = True
+        self._done_units.add(self.coverage.unit_of[idx])
+        try:
+            with torch.no_grad():
+                rows = self._rows_hint or ids.shape[0]
+                ids2, g = as_rows(ids, rows, self._width_hint, ids=True), as_rows(gamma, rows, self._width_hint)
+                grad_w, terms = R.embedding_bookkeep(ids2, g, self._plan(rows), num_embeddings=module.num_embeddings,
+                                                     padding_idx=module.padding_idx, dtype=self._cdt(), out_dtype=dtype)
+            self._store(entry.name, terms)
+            return grad_w
+        except Exception as err:  # the step goes on with a plainly formed gradient; stats reports the problem
+            self._fail(f"module {entry.name!r}: {err}", err)
+            g = gamma.reshape(-1, gamma.shape[-1])
+            flat = ids.reshape(-1)
+            if module.padding_idx is not None:
+                g = torch.where((flat != module.padding_idx).unsqueeze(1), g, 0)
+            return torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device).index_add_(0, flat, g).to(dtype)
+
+    def _note_call(self, idx: int, module: nn.Module, output) -> None:
+        """A call of a module whose swapped forward forms its terms from the step's own backward (book-kept, per-row
+        parameter views): counted, and its parameters marked as seen; what :meth:`_on_forward` does for the others,
+        which have a forward hook instead. A recomputation under activation checkpointing is not a new call."""
+        if not isinstance(output, Tensor) or not output.requires_grad or (_in_backward() and idx in self._captured):
+            return
+        entry = self.coverage.entries[idx]
+        self._captured.add(idx)
+        self._calls[idx] += 1
+        if self._calls[idx] > 1:
+            self._fail(f"module {entry.name!r} was called {self._calls[idx]} times in one step; the monitor "
+                       "expects one [2B, T] forward per step (chosen rows, then rejected rows)")
+        self._used.update(id(getattr(module, a)) for a in entry.tracked)
+        self._width = max(self._width, self._width_hint)
 
     def _bookkeep(self, idx: int, x: Tensor, gamma: Tensor, dtype: torch.dtype):
         """Backward of a book-kept layer: its weight and bias gradients and its per-pair terms, in one pass."""
@@ -232,10 +302,9 @@ class EntanglementMonitor:
         self._done_units.add(self.coverage.unit_of[idx])
         try:
             with torch.no_grad():
-                ctx = self._context()
-                rows = ctx.rows or x.shape[0]
+                rows = self._rows_hint or x.shape[0]
                 grad_w, grad_b, terms = bookkeep(x, gamma, self._plan(rows), transpose=transpose, bias=bias,
-                                                 rows=rows, width=ctx.width, dtype=dtype)
+                                                 rows=rows, width=self._width_hint, dtype=dtype)
             self._store(entry.name, terms)
             return grad_w, grad_b
         except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem
@@ -259,17 +328,26 @@ class EntanglementMonitor:
         return out
 
     def _row_param_forward(self, idx: int, forward, module: nn.Module, *args, **kwargs):
+        if self._replaying or not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
         x = args[0] if len(args) == 1 and not kwargs else None
-        if self._replaying or not torch.is_grad_enabled() or not isinstance(x, Tensor) or x.ndim < 3 \
-                or not self._rows_hint or x.shape[0] != self._rows_hint:
-            return forward(*args, **kwargs)  # the forward hook captures it as usual
+        if not isinstance(x, Tensor) or x.ndim < 3 or not self._rows_hint or x.shape[0] != self._rows_hint:
+            out = forward(*args, **kwargs)  # captured as a forward hook would
+            replaced = self._on_forward(idx, module, args, kwargs, out)
+            return out if replaced is None else replaced
         entry = self.coverage.entries[idx]
         out, views = row_param_forward(module, entry.tracked, x, forward)
         if not (_in_backward() and idx in self._captured):
-            self._row_param_calls.add(idx)
             n = x.shape[0]
-            torch.autograd.graph.register_multi_grad_hook(views, partial(self._on_row_param_grads, idx, n))
+            if len(views) == 1:  # a norm's scale alone: one tensor hook
+                views[0].register_hook(partial(self._on_row_param_grad, idx, n))
+            else:
+                torch.autograd.graph.register_multi_grad_hook(views, partial(self._on_row_param_grads, idx, n))
+            self._note_call(idx, module, out)
         return out
+
+    def _on_row_param_grad(self, idx: int, n_rows: int, grad) -> None:
+        self._on_row_param_grads(idx, n_rows, (grad,))
 
     def _on_row_param_grads(self, idx: int, n_rows: int, grads) -> None:
         """Backward of a position-wise module on per-row views: each row's gradient is the views' gradient."""
@@ -279,11 +357,13 @@ class EntanglementMonitor:
         try:
             with torch.no_grad():
                 cdt = self._cdt()
-                rows = torch.cat([g.detach().reshape(n_rows, -1).to(cdt) if g is not None
-                                  else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,
-                                                   device=self.coverage.params[0].device)
-                                  for a, g in zip(entry.tracked, grads)], dim=1)
-                self._store(entry.name, R.row_grad_terms(rows, self._pairs(n_rows)))
+                rows = [g.detach().reshape(n_rows, -1).to(cdt) if g is not None
+                        else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,
+                                         device=self.coverage.params[0].device)
+                        for a, g in zip(entry.tracked, grads)]
+                rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+                plan = self._plan(n_rows)
+                self._store(entry.name, R.row_grad_terms(rows, plan.pairs, ordered=plan.ordered))
         except Exception as err:  # noqa: BLE001 - surfaced by .stats
             self._fail(f"module {entry.name!r}: {err}", err)
 
@@ -315,9 +395,6 @@ class EntanglementMonitor:
         self._kept: list[F.KeptUse] = []
         self._row_sums: dict[int, Tensor] = {}
         self._param_grads: dict[int, Tensor] = {}
-        self._default_pairs = self._checked_pairs = None
-        self._pair_plan = self._pair_plan_pairs = None
-        self._row_param_calls: set[int] = set()
 
     def _fail(self, message: str, err: BaseException | None = None) -> None:
         self._errors.append((message, err))
@@ -365,17 +442,6 @@ class EntanglementMonitor:
             return None
         entry = self.coverage.entries[idx]
         reducer = entry.reducer
-        if idx in self._bookkept or idx in self._row_param_calls:
-            self._row_param_calls.discard(idx)
-            if isinstance(output, Tensor) and output.requires_grad:
-                self._captured.add(idx)
-                self._calls[idx] += 1
-                if self._calls[idx] > 1:
-                    self._fail(f"module {entry.name!r} was called {self._calls[idx]} times in one step; the monitor "
-                               "expects one [2B, T] forward per step (chosen rows, then rejected rows)")
-                self._used.update(id(getattr(module, a)) for a in entry.tracked)
-                self._width = max(self._width, self._width_hint)
-            return None
         if not self._rows_hint and args and isinstance(args[0], Tensor) and args[0].ndim >= 2:
             # No root forward seen (a submodule called directly): the first captured input gives the layout.
             self._rows_hint, self._width_hint = args[0].shape[0], args[0].shape[1]
@@ -536,6 +602,10 @@ class EntanglementMonitor:
 
     def _plan(self, rows: int):
         """The step's pairs for book-kept layers, checked once (:class:`entangle_fast.bookkeeping.PairPlan`)."""
+        plan = self._pair_plan
+        if plan is not None and rows == plan.rows == self._rows and self._watch is None \
+                and self._pair_plan_pairs is self._default_pairs:
+            return plan  # the default pairs, already checked against this step's rows
         pairs = self._pairs(rows)
         if self._pair_plan is None or self._pair_plan.rows != rows or self._pair_plan_pairs is not pairs:
             from entangle_fast.bookkeeping import PairPlan
@@ -762,14 +832,14 @@ class EntanglementMonitor:
         nan = torch.tensor(float("nan"), dtype=a_w.dtype, device=a_w.device)
         names = list(self._results)
         if names:
-            raw = torch.stack([torch.stack([t.inner, t.chosen, t.rejected]).to(a_w.dtype)
-                               for t in self._results.values()])
+            raw = torch.stack([t.as_stack().to(a_w.dtype) for t in self._results.values()])
             in_loss = torch.tensor([not t.logprob_units for t in self._results.values()], device=a_w.device)
             terms = torch.where(den != 0, torch.where(in_loss[:, None, None], raw / den, raw), nan)
             totals = terms.sum(0)
         else:
             terms, totals = None, torch.zeros(3, b, dtype=a_w.dtype, device=a_w.device)
-        per_module = {name: tuple(terms[m].unbind(0)) for m, name in enumerate(names)}
+        # name -> (inner, chosen, rejected) [B] views: three unbinds of [3, M, B] rather than one per module
+        per_module = dict(zip(names, zip(*(t.unbind(0) for t in terms.transpose(0, 1).unbind(0))))) if names else {}
         inner, nw, nl = torch.where(den != 0, totals, nan).unbind(0)
         den = dict(zip(("inner", "chosen", "rejected"), den.unbind(0)))
         case, falls, rises = classify(inner, nw, nl, a_w, a_l)

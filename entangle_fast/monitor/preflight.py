@@ -61,11 +61,19 @@ def check_model(model: nn.Module, tracked_params: Iterable) -> None:
                          "every statistic would be zero. Track at least one trainable parameter.")
 
 
-def active_dropout(model: nn.Module) -> list[str]:
+def dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every ``nn.Dropout``-family module of ``model``."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.modules.dropout._DropoutNd)]
+
+
+def active_dropout(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> list[str]:
     """Where dropout is active in ``model``: names of ``nn.Dropout``-family modules in training mode with p > 0, and
-    ``config.<field>=<p>`` for config dropout probabilities > 0 while the model is in training mode."""
-    found = [f"{name or type(module).__name__} (p={module.p:g})" for name, module in model.named_modules()
-             if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0]
+    ``config.<field>=<p>`` for config dropout probabilities > 0 while the model is in training mode. ``modules``:
+    :func:`dropout_modules` of the model, when the caller keeps them (default: found now)."""
+    modules = dropout_modules(model) if modules is None else modules
+    found = [f"{name or type(module).__name__} (p={module.p:g})" for name, module in modules
+             if module.training and module.p > 0]
     config = getattr(model, "config", None)
     if model.training and config is not None:
         for field in DROPOUT_CONFIG_FIELDS:
@@ -75,14 +83,15 @@ def active_dropout(model: nn.Module) -> list[str]:
     return found
 
 
-def warn_if_dropout(model: nn.Module) -> bool:
-    """Warn (:class:`ActiveDropoutWarning`) once per model when it is in training mode with active dropout.
+def warn_if_dropout(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> bool:
+    """Warn (:class:`ActiveDropoutWarning`) once per model when it is in training mode with active dropout
+    (``modules``: as in :func:`active_dropout`).
 
     Returns True when this call warned. The model is remembered weakly, so the warning does not keep it alive.
     """
     if not model.training or model in _warned:
         return False
-    where = active_dropout(model)
+    where = active_dropout(model, modules)
     if not where:
         return False
     _warned.add(model)

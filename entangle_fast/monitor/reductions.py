@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from entangle_fast._backend import compute_dtype  # noqa: F401  (R.compute_dtype for the monitor and profiler)
+from entangle_fast._torch.pair_wgrad import gram_stat_index
 from entangle_fast.ghost import ghost_gram
 from entangle_fast.token_stats import head_delta_at
 
@@ -29,7 +30,8 @@ from entangle_fast.token_stats import head_delta_at
 class Terms:
     """Per-pair contributions of one module (or one cross term): ``inner``, ``chosen``, ``rejected`` ``[B]``;
     ``attribution``: ``(pair, positions of the chosen row [t_w], positions of the rejected row [t_l], matrix
-    [t_w, t_l])`` pieces, summing to ``inner``; ``logprob_units``: already divided by the coefficients."""
+    [t_w, t_l])`` pieces, summing to ``inner``; ``logprob_units``: already divided by the coefficients;
+    ``stacked``: ``[3, B]`` of which the three are views, when they were formed together (:meth:`of`)."""
 
     inner: Tensor
     chosen: Tensor
@@ -37,6 +39,16 @@ class Terms:
     attribution: list[tuple[int, Tensor, Tensor, Tensor]] | None = None
     logprob_units: bool = False
     sketched: bool = False
+    stacked: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, stacked: Tensor, **kwargs) -> "Terms":
+        """Terms from ``[3, B]`` (inner, chosen, rejected)."""
+        return cls(*stacked.unbind(0), stacked=stacked, **kwargs)
+
+    def as_stack(self) -> Tensor:
+        """``[3, B]`` (inner, chosen, rejected)."""
+        return self.stacked if self.stacked is not None else torch.stack([self.inner, self.chosen, self.rejected])
 
 
 @dataclass
@@ -215,21 +227,82 @@ def explicit_linear_terms(tok: Tokens, pairs: Tensor, *, weight: bool, bias: boo
 
 def embedding_sparse_terms(tok: Tokens, pairs: Tensor) -> Terms:
     """Embedding gradients as sparse rows: per row, the summed gamma of each distinct id; pairs meet on shared ids.
-    Costs O(T d) per row instead of the ghost's T_w T_l d."""
-    def row(r):
-        s = tok.seg(r)
-        ids, inv = torch.unique(tok.ids[s], return_inverse=True)
-        return ids, torch.zeros(len(ids), tok.gamma.shape[1], dtype=tok.gamma.dtype,
-                                device=tok.gamma.device).index_add_(0, inv, tok.gamma[s])
+    Costs O(T d) per row instead of the ghost's T_w T_l d, for every pair at once (:func:`sparse_row_terms`)."""
+    b, d = pairs.shape[0], tok.gamma.shape[1]
+    device, dtype = tok.gamma.device, tok.gamma.dtype
+    if b == 0 or tok.gamma.shape[0] == 0:
+        zero = torch.zeros(b, dtype=dtype, device=device)
+        return Terms(zero, zero.clone(), zero.clone())
+    ids = tok.ids.to(torch.int64)
+    n_ids = int(ids.max()) + 1
+    keys, inverse = torch.unique(token_rows(tok) * n_ids + ids, return_inverse=True)
+    grads = torch.zeros(keys.shape[0], d, dtype=dtype, device=device).index_add_(0, inverse, tok.gamma)
+    return sparse_row_terms(keys, grads, n_ids, tok.rows, pairs.to(device))
 
+
+def sparse_row_terms(keys: Tensor, grads: Tensor, n_ids: int, n_rows: int, pairs: Tensor, *,
+                     ordered: bool = False) -> Terms:
+    """Pair terms of sparse per-row gradients: row r's gradient has row ``grads[u]`` ``[d]`` at id ``keys[u] % n_ids``
+    for every ``u`` with ``keys[u] // n_ids == r``; ``keys [U]`` sorted and distinct (as ``torch.unique`` gives them).
+    Each entry of a pair's chosen row finds the rejected row's entry of the same id by a sorted search. ``ordered``:
+    ``pairs`` is the default layout (row i with row R/2 + i, every row once), where every entry's partner key is its
+    own key plus R/2 rows."""
     b = pairs.shape[0]
-    out = torch.zeros(3, b, dtype=tok.gamma.dtype, device=tok.gamma.device)
-    for i, (w, l) in enumerate(pairs.tolist()):
-        (iw, gw), (il, gl) = row(w), row(l)
-        # unique() sorts, so the ids both rows hold appear in the same order in both masks.
-        out[0, i] = (gw[torch.isin(iw, il)] * gl[torch.isin(il, iw)]).sum()
-        out[1, i], out[2, i] = (gw * gw).sum(), (gl * gl).sum()
-    return Terms(out[0], out[1], out[2])
+    device, dtype = grads.device, grads.dtype
+    key_rows = keys // n_ids
+    sq = torch.zeros(n_rows, dtype=dtype, device=device).index_add_(0, key_rows, (grads * grads).sum(1))
+    last = max(keys.shape[0] - 1, 0)
+    if ordered:
+        partner = keys + b * n_ids
+        found = torch.searchsorted(keys, partner).clamp_(max=last)
+        dots = (grads * grads[found]).sum(1) * ((keys[found] == partner) & (key_rows < b))
+        inner = torch.zeros(b, dtype=dtype, device=device).index_add_(0, key_rows % max(b, 1), dots)
+        return Terms(inner, sq[:b], sq[b:])
+    counts = torch.bincount(key_rows, minlength=n_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    w, l = pairs[:, 0], pairs[:, 1]
+    per_pair = counts[w]
+    pair_of = torch.repeat_interleave(torch.arange(b, device=device), per_pair)
+    offsets = torch.arange(pair_of.shape[0], device=device) - torch.repeat_interleave(
+        torch.cumsum(per_pair, 0) - per_pair, per_pair)
+    src = starts[w][pair_of] + offsets
+    partner = l[pair_of] * n_ids + keys[src] % n_ids
+    found = torch.searchsorted(keys, partner).clamp_(max=last)
+    dots = (grads[src] * grads[found]).sum(1) * (keys[found] == partner)
+    inner = torch.zeros(b, dtype=dtype, device=device).index_add_(0, pair_of, dots)
+    return Terms(inner, sq[w], sq[l])
+
+
+# embedding_bookkeep forms the rows' gradients densely ([R, V, d], as for a small linear layer) up to this many elements.
+DENSE_EMBEDDING_ELEMENTS = 1 << 20
+
+
+def embedding_bookkeep(ids: Tensor, gamma: Tensor, plan, *, num_embeddings: int, padding_idx: int | None,
+                       dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[Tensor, Terms]:
+    """An embedding's weight gradient and its per-pair terms from the same per-row gradients (book-keeping,
+    docs/math.md section 4.2): ``ids [R, T]``, ``gamma [R, T, d]`` its output gradient, ``plan`` the step's
+    :class:`entangle_fast.bookkeeping.PairPlan`. Each row's gradient is the summed gamma of each id it holds
+    (``padding_idx`` gets none, as in ``F.embedding``): dense ``[V, d]`` per row when R V d is small and the pairs are
+    in the default layout, else sparse (the distinct ids of each row, pairs meeting on shared ids). The weight gradient
+    ``[num_embeddings, d]`` in ``out_dtype`` sums them, accumulated in ``dtype``."""
+    n_rows, width, d = gamma.shape
+    device = gamma.device
+    ids = ids.reshape(n_rows, width).to(torch.int64)
+    g = gamma.reshape(n_rows * width, d).to(dtype)
+    if padding_idx is not None:
+        g = torch.where((ids != padding_idx).reshape(-1, 1), g, 0)
+    keys = (torch.arange(n_rows, device=device).unsqueeze(1) * num_embeddings + ids).reshape(-1)
+    if plan.ordered and 0 < n_rows * num_embeddings * d <= DENSE_EMBEDDING_ELEMENTS:
+        rows = torch.zeros(n_rows * num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys, g)
+        flat = rows.view(n_rows, -1)
+        stats = torch.take(flat @ flat.T, gram_stat_index(n_rows // 2, device)).view(3, -1)
+        grad_w = rows.view(n_rows, num_embeddings, d).sum(0)
+        return (grad_w if out_dtype == dtype else grad_w.to(out_dtype)), Terms.of(stats)
+    keys, inverse = torch.unique(keys, return_inverse=True)  # sorted: by row, then id
+    grads = torch.zeros(keys.shape[0], d, dtype=dtype, device=device).index_add_(0, inverse, g)
+    grad_w = torch.zeros(num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys % num_embeddings, grads)
+    terms = sparse_row_terms(keys, grads, num_embeddings, n_rows, plan.on(device)[0], ordered=plan.ordered)
+    return (grad_w if out_dtype == dtype else grad_w.to(out_dtype)), terms
 
 
 def sketch_linear_terms(tok: Tokens, pairs: Tensor, sketch, *, weight: bool, bias: bool) -> Terms:
@@ -314,8 +387,12 @@ def broadcast_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor
                       for g, c in zip(grads, copies)], dim=1)
 
 
-def row_grad_terms(grads: Tensor, pairs: Tensor) -> Terms:
-    """Pair terms from per-row gradient vectors ``grads [R, n]``."""
+def row_grad_terms(grads: Tensor, pairs: Tensor, *, ordered: bool = False) -> Terms:
+    """Pair terms from per-row gradient vectors ``grads [R, n]``. ``ordered``: ``pairs`` is the default layout (row i
+    with row R/2 + i, every row once), where one Gram product of the rows holds every term."""
+    if ordered and grads.shape[0]:
+        gram = grads @ grads.T
+        return Terms.of(torch.take(gram, gram_stat_index(grads.shape[0] // 2, gram.device)).view(3, -1))
     g = grads[pairs.reshape(-1).to(grads.device)].view(pairs.shape[0], 2, -1)
     gw, gl = g[:, 0], g[:, 1]
     return Terms((gw * gl).sum(1), (gw * gw).sum(1), (gl * gl).sum(1))

@@ -123,10 +123,8 @@ def classify(inner: Tensor, nw: Tensor, nl: Tensor, a_w: Tensor, a_l: Tensor):
     """``(case, chosen_falls, rejected_rises)`` from the first-order SGD changes of docs/math.md section 2."""
     chosen_falls = (a_w * nw + a_l * inner) > 0
     rejected_rises = (a_w * inner + a_l * nl) < 0
-    defined = (a_w != 0) & (a_l != 0) & torch.isfinite(inner) & torch.isfinite(nw) & torch.isfinite(nl)
-    case = torch.zeros(inner.shape, dtype=torch.int64, device=inner.device)
-    case = torch.where(~chosen_falls & ~rejected_rises, 1, case)
-    case = torch.where(chosen_falls & ~rejected_rises, 2, case)
-    case = torch.where(~chosen_falls & rejected_rises, 3, case)
+    defined = (a_w != 0) & (a_l != 0) & torch.isfinite(torch.stack([inner, nw, nl])).all(0)
+    # ideal 1 (neither), both fall 2 (chosen falls only), both rise 3 (rejected rises only); both at once: 0.
+    case = torch.where(chosen_falls, torch.where(rejected_rises, 0, 2), torch.where(rejected_rises, 3, 1))
     case = torch.where(defined, case, 0)
     return case, chosen_falls & defined, rejected_rises & defined

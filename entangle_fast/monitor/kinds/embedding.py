@@ -150,3 +150,29 @@ class EmbeddingReducer(Reducer):
     def dims(self, module):
         # weight [V, d]: the d side is the input of the factor form, the V side the output
         return module.embedding_dim, module.num_embeddings
+
+
+class BookkeptEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx)`` whose backward hands ``(ids, gamma)`` to ``form`` for the weight
+    gradient instead of forming it itself (book-keeping, docs/math.md section 4.2): ``form(ids, gamma, dtype)``
+    returns ``grad_weight`` ``[V, d]`` in ``dtype``. For stock ``nn.Embedding`` without ``max_norm``,
+    ``scale_grad_by_freq`` or ``sparse``."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, form):
+        ctx.save_for_backward(ids)
+        ctx.form, ctx.dtype = form, weight.dtype
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, gamma):
+        (ids,) = ctx.saved_tensors
+        grad_w = ctx.form(ids, gamma, ctx.dtype) if ctx.needs_input_grad[1] else None
+        return None, grad_w, None, None
+
+
+def bookkeepable(module: nn.Module) -> bool:
+    """Whether an embedding's weight gradient can be formed by :class:`BookkeptEmbedding`: a stock ``nn.Embedding``
+    with dense gradients."""
+    return (stock_forward(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+            and not module.sparse)

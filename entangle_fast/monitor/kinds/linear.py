@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from entangle_fast._backend import resolve_impl
+from entangle_fast._torch.pair_wgrad import torch_pair_wgrad_dense
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows, stock_forward
 
@@ -161,8 +163,10 @@ class BookkeptLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gamma):
-        with torch.autocast(gamma.device.type, enabled=False):  # the inputs' dtype, as in the forward
-            return BookkeptLinear._backward(ctx, gamma)
+        if torch.is_autocast_enabled(gamma.device.type):
+            with torch.autocast(gamma.device.type, enabled=False):  # the inputs' dtype, as in the forward
+                return BookkeptLinear._backward(ctx, gamma)
+        return BookkeptLinear._backward(ctx, gamma)
 
     @staticmethod
     def _backward(ctx, gamma):
@@ -178,12 +182,23 @@ class BookkeptLinear(torch.autograd.Function):
 def bookkeep(x: Tensor, gamma: Tensor, plan, *, transpose: bool, bias: bool, rows: int, width: int,
              dtype: torch.dtype) -> tuple[Tensor, Tensor | None, R.Terms]:
     """The weight (and bias) gradient of one linear-like call and its per-pair terms, in one pass
-    (:func:`entangle_fast.bookkeeping.pair_weight_grad_dense`): ``(grad_weight, grad_bias | None, Terms)``, the
-    gradients in the parameters' layouts and ``dtype``, the terms in loss units. ``plan``: the step's
-    :class:`entangle_fast.bookkeeping.PairPlan`."""
-    from entangle_fast.bookkeeping import pair_weight_grad_dense
+    (:func:`entangle_fast.bookkeeping.dense_with_plan`): ``(grad_weight, grad_bias | None, Terms)``, the gradients in
+    the parameters' layouts and ``dtype``, the terms in loss units. ``x`` and ``gamma`` are the call's input and output
+    gradient (one dtype, one device, as autograd hands them over); ``plan``: the step's
+    :class:`entangle_fast.bookkeeping.PairPlan`.
 
+    Raises:
+        CaptureError: the call's input does not split into the forward's ``rows`` rows.
+    """
     a, g = as_rows(x, rows, width), as_rows(gamma, rows, width)
-    res = pair_weight_grad_dense(a, g, plan=plan, bias=bias, out_dtype=dtype)
-    grad_w = res.grad_weight.T if transpose else res.grad_weight
-    return grad_w, res.grad_bias, R.Terms(res.inner, res.chosen, res.rejected)
+    backend = resolve_impl("auto", g.device, g.dtype)
+    if backend == "torch":  # the PyTorch launcher itself: no result object to build and take apart
+        pairs, fold, unpaired = plan.on(g.device)
+        grad_w, grad_b, stats = torch_pair_wgrad_dense(a, g, pairs, fold, unpaired if a.shape[1] else unpaired[:0],
+                                                       bias=bias, out_dtype=dtype, ordered=plan.ordered)
+    else:
+        from entangle_fast.bookkeeping import dense_with_plan
+
+        res = dense_with_plan(a, g, plan, bias=bias, out_dtype=dtype, backend=backend)
+        grad_w, grad_b, stats = res.grad_weight, res.grad_bias, res.stats
+    return (grad_w.T if transpose else grad_w), grad_b, R.Terms.of(stats)
