@@ -53,15 +53,19 @@ def ches_scores(hidden: Tensor, loss_mask: Tensor, pairs: Tensor | list | None =
         raise ValueError(f"ches_scores: `loss_mask` must be [R, T] = {tuple(hidden.shape[:2])}, got "
                          f"{tuple(loss_mask.shape) if isinstance(loss_mask, Tensor) else type(loss_mask).__name__}")
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    idx = _pairs(pairs, hidden.shape[0], hidden.device)
+    rows = hidden.shape[0]
     mask = loss_mask.to(device=hidden.device, dtype=dtype)
     # One masked sum per row, accumulated in at least fp32: [R, d].
-    sums = torch.einsum("rt,rtd->rd", mask, hidden.to(dtype))
+    sums = torch.bmm(mask.unsqueeze(1), hidden if hidden.dtype == dtype else hidden.to(dtype)).squeeze(1)
     counts = mask.sum(1)
-    h_w, h_l = sums[idx[:, 0]], sums[idx[:, 1]]
-    t_w, t_l = counts[idx[:, 0]], counts[idx[:, 1]]
+    if pairs is None:  # row i with row B + i: halves, no gather
+        b = default_pairs(rows).shape[0] if rows % 2 else rows // 2  # default_pairs names an odd row count
+        h_w, h_l, t_w, t_l = sums[:b], sums[b:], counts[:b], counts[b:]
+    else:
+        idx = _pairs(pairs, rows, hidden.device)
+        h_w, h_l = sums[idx[:, 0]], sums[idx[:, 1]]
+        t_w, t_l = counts[idx[:, 0]], counts[idx[:, 1]]
     cross, own = (h_w * h_l).sum(-1), (h_w * h_w).sum(-1)
-    nan = torch.full_like(cross, float("nan"))
     empty = (t_w == 0) | (t_l == 0)
-    norm = torch.where(empty, nan, cross / (t_w * t_l).clamp(min=1) - own / (t_w * t_w).clamp(min=1))
+    norm = torch.where(empty, float("nan"), cross / (t_w * t_l).clamp(min=1) - own / (t_w * t_w).clamp(min=1))
     return cross - own, norm

@@ -144,7 +144,7 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
                          transform, sums: PairSums):
     """:func:`fused_backward` with book-kept head gradients: per vocabulary chunk the backward contract writes the deltas
     f'(l) (e_y - p) and r, and the chunk's weight-gradient tile is summed row by row, the pair sums beside it."""
-    from entangle_fast.bookkeeping import pair_weight_grad_dense
+    from entangle_fast.bookkeeping import dense_with_plan
 
     _, bwd = _launchers(impl)
     scale, softcap = transform_args(transform)
@@ -156,6 +156,9 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
     chunks = _vocab_chunks(n, v, True, None)
     buf = torch.empty(n * max(c1 - c0 for c0, c1 in chunks), dtype=cdt, device=hidden.device)
     rows = hidden.view(sums.rows, sums.width, d)
+    if rows.dtype != cdt:
+        rows = rows.to(cdt)  # the delta tiles are in the compute dtype
+    backend = resolve_impl(impl, hidden.device, cdt)
     g = grad_logprobs.to(cdt)[:, None]
     for v0, v1 in chunks:
         delta = buf[: n * (v1 - v0)].view(n, v1 - v0)
@@ -163,12 +166,13 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
             grad_hidden_unscaled=r, grad_weight=None, grad_bias=None, vocab_start=v0, vocab_end=v1,
             probs_out=None, scale=scale, softcap=softcap, delta_out=delta)
         delta.mul_(g)  # loss units: the head gradient's factor at each token
-        res = pair_weight_grad_dense(rows, delta.view(sums.rows, sums.width, v1 - v0), plan=sums.plan,
-                                     bias=need_bias_grad, out_dtype=weight.dtype, impl=impl)
+        # hidden [R, T, d] and its delta tile [R, T, v1 - v0] share dtype, device and layout by construction.
+        res = dense_with_plan(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.plan, bias=need_bias_grad,
+                              out_dtype=weight.dtype, backend=backend)
         gw[v0:v1] = res.grad_weight
         if gb is not None:
             gb[v0:v1] = res.grad_bias
-        sums.add(res.inner, res.chosen, res.rejected)
+        sums.add(res.stats)
     return r, gw, gb
 
 

@@ -377,8 +377,9 @@ class PairSums:
             self._plan = PairPlan.of(self.rows, self.pairs)
         return self._plan
 
-    def add(self, inner: Tensor, chosen: Tensor, rejected: Tensor) -> None:
-        self.values += torch.stack([inner, chosen, rejected]).to(self.values.dtype)
+    def add(self, stats: Tensor) -> None:
+        """Add one vocabulary tile's ``[3, B]`` (inner, chosen, rejected)."""
+        self.values += stats
 
     def finalize(self, grad_logprobs: Tensor) -> OutputLayerTokenStats:
         """Log-prob units (divided by a_w a_l, a_w^2, a_l^2), as :class:`OutputLayerTokenStats` without matrices."""

@@ -165,17 +165,12 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     d_out = gamma.shape[2]
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
-    if ordered and 0 < n_rows * d_out * d_in <= CACHE_ELEMENTS and not unpaired.numel() and chunk_rows is None:
+    if ordered and is_small(n_rows, d_out, d_in) and not unpaired.numel() and chunk_rows is None:
         # Small layers in the default layout (every row paired once, in order): every per-row gradient at once.
-        x = a if a.dtype == cdt else a.to(cdt)
-        g = gamma if gamma.dtype == cdt else gamma.to(cdt)
-        rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
-        flat = rows.view(n_rows, -1)
+        flat, gw, sums = small_layer_rows(a, gamma, bias=bias)
         gram = flat @ flat.T
-        gw = rows.sum(0)
         gb = None
-        if bias:
-            sums = g.sum(dim=1)
+        if sums is not None:
             gram.addmm_(sums, sums.T)
             gb = sums.sum(0)
             gb = gb if out_dtype == cdt else gb.to(out_dtype)
@@ -200,6 +195,21 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
         if gb is not None:
             gb.add_(g_u.sum(dim=0))
     return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats
+
+
+def is_small(n_rows: int, d_out: int, d_in: int) -> bool:
+    """Whether a layer's per-row gradients ``[R, d_out, d_in]`` are formed all at once (:func:`small_layer_rows`)."""
+    return 0 < n_rows * d_out * d_in <= CACHE_ELEMENTS
+
+
+def small_layer_rows(a: Tensor, gamma: Tensor, *, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Every per-row gradient of a small layer at once, from ``a [R, T, d_in]`` and ``gamma [R, T, d_out]``, in the
+    compute dtype: ``(rows [R, d_out * d_in], grad_weight [d_out, d_in], bias rows [R, d_out] | None)``."""
+    cdt = compute_dtype(a.dtype)
+    x = a if a.dtype == cdt else a.to(cdt)
+    g = gamma if gamma.dtype == cdt else gamma.to(cdt)
+    rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
+    return rows.view(a.shape[0], -1), rows.sum(0), (g.sum(dim=1) if bias else None)
 
 
 def is_default_layout(pairs: Tensor, n_rows: int) -> bool:

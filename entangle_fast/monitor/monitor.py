@@ -40,6 +40,11 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# The most elements of per-row gradients the monitor keeps for the end of a step's backward (R.RowBatch): 16 MiB in
+# fp32. Small layers only: a layer's rows are kept when R d_out d_in is at most CACHE_ELEMENTS of the PyTorch path.
+ROW_BATCH_ELEMENTS = 1 << 22
+
+
 class _ForwardSwap:
     """Replace a module's forward by an instance attribute for the duration; ``remove()`` restores it."""
 
@@ -263,12 +268,14 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._no_autocast():
                 rows = self._rows_hint or ids.shape[0]
                 ids2, g = as_rows(ids, rows, self._width_hint, ids=True), as_rows(gamma, rows, self._width_hint)
                 grad_w, terms = R.embedding_bookkeep(ids2, g, self._plan(rows), num_embeddings=module.num_embeddings,
-                                                     padding_idx=module.padding_idx, dtype=self._cdt(), out_dtype=dtype)
-            self._store(entry.name, terms)
+                                                     padding_idx=module.padding_idx, dtype=self._cdt(), out_dtype=dtype,
+                                                     batch=self._row_batch, name=entry.name)
+            if terms is not None:
+                self._store(entry.name, terms)
             return grad_w
         except Exception as err:  # the step goes on with a plainly formed gradient; stats reports the problem
             self._fail(f"module {entry.name!r}: {err}", err)
@@ -290,13 +297,14 @@ class EntanglementMonitor:
         if self._calls[idx] > 1:
             self._fail(f"module {entry.name!r} was called {self._calls[idx]} times in one step; the monitor "
                        "expects one [2B, T] forward per step (chosen rows, then rejected rows)")
-        self._used.update(id(getattr(module, a)) for a in entry.tracked)
-        self._width = max(self._width, self._width_hint)
+        params = module._parameters  # the parameters as they are now (FSDP2 swaps them around forward)
+        self._used.update([id(params[a]) for a in entry.tracked])
+        if self._width_hint > self._width:
+            self._width = self._width_hint
 
     def _bookkeep(self, idx: int, x: Tensor, gamma: Tensor, dtype: torch.dtype):
         """Backward of a book-kept layer: its weight and bias gradients and its per-pair terms, in one pass."""
         entry = self.coverage.entries[idx]
-        module = entry.module
         transpose, bias = entry.kind == "conv1d", "bias" in entry.tracked
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
@@ -304,10 +312,13 @@ class EntanglementMonitor:
             with torch.no_grad():
                 rows = self._rows_hint or x.shape[0]
                 grad_w, grad_b, terms = bookkeep(x, gamma, self._plan(rows), transpose=transpose, bias=bias,
-                                                 rows=rows, width=self._width_hint, dtype=dtype)
-            self._store(entry.name, terms)
+                                                 rows=rows, width=self._width_hint, dtype=dtype,
+                                                 batch=self._row_batch, name=entry.name)
+            if terms is not None:  # None: left in the row batch, reduced with the others at the end
+                self._store(entry.name, terms)
             return grad_w, grad_b
         except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem
+            module = entry.module
             self._fail(f"module {entry.name!r}: {err}", err)
             g2, x2 = gamma.reshape(-1, gamma.shape[-1]), x.reshape(-1, x.shape[-1])
             grad_w = (x2.T @ g2) if transpose else (g2.T @ x2)
@@ -355,15 +366,16 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._no_autocast():
                 cdt = self._cdt()
                 rows = [g.detach().reshape(n_rows, -1).to(cdt) if g is not None
                         else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,
                                          device=self.coverage.params[0].device)
                         for a, g in zip(entry.tracked, grads)]
-                rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
                 plan = self._plan(n_rows)
-                self._store(entry.name, R.row_grad_terms(rows, plan.pairs, ordered=plan.ordered))
+                if not (plan.ordered and self._row_batch.add(entry.name, *rows)):
+                    rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+                    self._store(entry.name, R.row_grad_terms(rows, plan.pairs, ordered=plan.ordered))
         except Exception as err:  # noqa: BLE001 - surfaced by .stats
             self._fail(f"module {entry.name!r}: {err}", err)
 
@@ -395,6 +407,8 @@ class EntanglementMonitor:
         self._kept: list[F.KeptUse] = []
         self._row_sums: dict[int, Tensor] = {}
         self._param_grads: dict[int, Tensor] = {}
+        # Small modules' per-row gradients, reduced together at the end of the backward.
+        self._row_batch = R.RowBatch(ROW_BATCH_ELEMENTS)
 
     def _fail(self, message: str, err: BaseException | None = None) -> None:
         self._errors.append((message, err))
@@ -622,7 +636,7 @@ class EntanglementMonitor:
         self._done_units.add(unit)
         members = self.coverage.units[unit]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._no_autocast():
                 self._reduce_unit(members)
         except Exception as err:
             names = ", ".join(self.coverage.entries[i].name for i in members)
@@ -664,8 +678,8 @@ class EntanglementMonitor:
             terms.attribution = None
         old = self._results.get(name)
         if old is not None:
-            terms = R.Terms(old.inner + terms.inner, old.chosen + terms.chosen, old.rejected + terms.rejected,
-                            logprob_units=terms.logprob_units, sketched=old.sketched or terms.sketched)
+            terms = R.Terms.of(old.as_stack() + terms.as_stack(), logprob_units=terms.logprob_units,
+                               sketched=old.sketched or terms.sketched)
         self._results[name] = terms
 
     def _add_attribution(self, pieces, logprob_units: bool) -> None:
@@ -798,13 +812,28 @@ class EntanglementMonitor:
                                "is computed from (slicing again makes new tensors)")
         return self._watch["chosen"].to(device=dev, dtype=cdt), self._watch["rejected"].to(device=dev, dtype=cdt), None
 
-    @torch.no_grad()
+    def _no_autocast(self):
+        """The monitor's reductions run in their own dtypes: on CPU the backward (and its hooks) run in the caller's
+        thread, inside the caller's autocast region when there is one."""
+        device = self.coverage.params[0].device.type if self.coverage.params else "cpu"
+        return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
     def _finalize(self) -> None:
+        with self._no_autocast():
+            self._finalize_stats()
+
+    @torch.no_grad()
+    def _finalize_stats(self) -> None:
         if not self._backward_seen:
             raise RuntimeError("EntanglementMonitor: no backward reached the monitored model inside the with-block "
                                "(run forward, loss and backward inside it)")
         for unit in range(len(self.coverage.units)):
             self._reduce_unit_safely(unit)
+        try:
+            for name, terms in self._row_batch.reduce().items():
+                self._store(name, terms)
+        except Exception as err:  # noqa: BLE001 - reported with the others below
+            self._fail(f"the small modules' per-row gradients: {err}", err)
         self._check_rowwise()
         if self._errors:
             message, err = self._errors[0]
@@ -832,7 +861,8 @@ class EntanglementMonitor:
         nan = torch.tensor(float("nan"), dtype=a_w.dtype, device=a_w.device)
         names = list(self._results)
         if names:
-            raw = torch.stack([t.as_stack().to(a_w.dtype) for t in self._results.values()])
+            stacks = [t.as_stack() for t in self._results.values()]
+            raw = torch.stack([t if t.dtype == a_w.dtype else t.to(a_w.dtype) for t in stacks])
             in_loss = torch.tensor([not t.logprob_units for t in self._results.values()], device=a_w.device)
             terms = torch.where(den != 0, torch.where(in_loss[:, None, None], raw / den, raw), nan)
             totals = terms.sum(0)

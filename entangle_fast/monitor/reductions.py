@@ -26,29 +26,54 @@ from entangle_fast.ghost import ghost_gram
 from entangle_fast.token_stats import head_delta_at
 
 
-@dataclass
 class Terms:
     """Per-pair contributions of one module (or one cross term): ``inner``, ``chosen``, ``rejected`` ``[B]``;
     ``attribution``: ``(pair, positions of the chosen row [t_w], positions of the rejected row [t_l], matrix
     [t_w, t_l])`` pieces, summing to ``inner``; ``logprob_units``: already divided by the coefficients;
-    ``stacked``: ``[3, B]`` of which the three are views, when they were formed together (:meth:`of`)."""
+    ``sketched``: sketch estimates. :meth:`of` makes them from one ``[3, B]`` tensor, split only when read one by
+    one (the monitor reads every module's three at once, :meth:`as_stack`)."""
 
-    inner: Tensor
-    chosen: Tensor
-    rejected: Tensor
-    attribution: list[tuple[int, Tensor, Tensor, Tensor]] | None = None
-    logprob_units: bool = False
-    sketched: bool = False
-    stacked: Tensor | None = field(default=None, repr=False)
+    __slots__ = ("_parts", "_stacked", "attribution", "logprob_units", "sketched")
+
+    def __init__(self, inner: Tensor, chosen: Tensor, rejected: Tensor,
+                 attribution: list[tuple[int, Tensor, Tensor, Tensor]] | None = None, logprob_units: bool = False,
+                 sketched: bool = False):
+        self._parts, self._stacked = (inner, chosen, rejected), None
+        self.attribution, self.logprob_units, self.sketched = attribution, logprob_units, sketched
 
     @classmethod
     def of(cls, stacked: Tensor, **kwargs) -> "Terms":
         """Terms from ``[3, B]`` (inner, chosen, rejected)."""
-        return cls(*stacked.unbind(0), stacked=stacked, **kwargs)
+        terms = cls(None, None, None, **kwargs)
+        terms._parts, terms._stacked = None, stacked
+        return terms
+
+    def _split(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._parts is None:
+            self._parts = tuple(self._stacked.unbind(0))
+        return self._parts
+
+    @property
+    def inner(self) -> Tensor:
+        return self._split()[0]
+
+    @property
+    def chosen(self) -> Tensor:
+        return self._split()[1]
+
+    @property
+    def rejected(self) -> Tensor:
+        return self._split()[2]
 
     def as_stack(self) -> Tensor:
         """``[3, B]`` (inner, chosen, rejected)."""
-        return self.stacked if self.stacked is not None else torch.stack([self.inner, self.chosen, self.rejected])
+        if self._stacked is None:
+            self._stacked = torch.stack(self._parts)
+        return self._stacked
+
+    def __repr__(self) -> str:
+        return (f"Terms(inner={self.inner}, chosen={self.chosen}, rejected={self.rejected}, "
+                f"logprob_units={self.logprob_units}, sketched={self.sketched})")
 
 
 @dataclass
@@ -278,13 +303,15 @@ DENSE_EMBEDDING_ELEMENTS = 1 << 20
 
 
 def embedding_bookkeep(ids: Tensor, gamma: Tensor, plan, *, num_embeddings: int, padding_idx: int | None,
-                       dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[Tensor, Terms]:
+                       dtype: torch.dtype, out_dtype: torch.dtype, batch: RowBatch | None = None,
+                       name: str = "") -> tuple[Tensor, Terms | None]:
     """An embedding's weight gradient and its per-pair terms from the same per-row gradients (book-keeping,
     docs/math.md section 4.2): ``ids [R, T]``, ``gamma [R, T, d]`` its output gradient, ``plan`` the step's
     :class:`entangle_fast.bookkeeping.PairPlan`. Each row's gradient is the summed gamma of each id it holds
     (``padding_idx`` gets none, as in ``F.embedding``): dense ``[V, d]`` per row when R V d is small and the pairs are
     in the default layout, else sparse (the distinct ids of each row, pairs meeting on shared ids). The weight gradient
-    ``[num_embeddings, d]`` in ``out_dtype`` sums them, accumulated in ``dtype``."""
+    ``[num_embeddings, d]`` in ``out_dtype`` sums them, accumulated in ``dtype``. With a ``batch``, dense rows are
+    left there under ``name`` and the terms are None."""
     n_rows, width, d = gamma.shape
     device = gamma.device
     ids = ids.reshape(n_rows, width).to(torch.int64)
@@ -295,9 +322,11 @@ def embedding_bookkeep(ids: Tensor, gamma: Tensor, plan, *, num_embeddings: int,
     if plan.ordered and 0 < n_rows * num_embeddings * d <= DENSE_EMBEDDING_ELEMENTS:
         rows = torch.zeros(n_rows * num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys, g)
         flat = rows.view(n_rows, -1)
-        stats = torch.take(flat @ flat.T, gram_stat_index(n_rows // 2, device)).view(3, -1)
         grad_w = rows.view(n_rows, num_embeddings, d).sum(0)
-        return (grad_w if out_dtype == dtype else grad_w.to(out_dtype)), Terms.of(stats)
+        grad_w = grad_w if out_dtype == dtype else grad_w.to(out_dtype)
+        if batch is not None and batch.add(name, flat):
+            return grad_w, None
+        return grad_w, Terms.of(torch.take(flat @ flat.T, gram_stat_index(n_rows // 2, device)).view(3, -1))
     keys, inverse = torch.unique(keys, return_inverse=True)  # sorted: by row, then id
     grads = torch.zeros(keys.shape[0], d, dtype=dtype, device=device).index_add_(0, inverse, g)
     grad_w = torch.zeros(num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys % num_embeddings, grads)
@@ -385,6 +414,57 @@ def broadcast_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor
         grads = torch.autograd.grad(y, copies, gamma.to(y.dtype), allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(c)).reshape(n_rows, -1)
                       for g, c in zip(grads, copies)], dim=1)
+
+
+class RowBatch:
+    """Per-row gradients ``[R, n]`` of small modules, kept until the end of the backward and reduced to their pair
+    terms together (rows in the default pair layout: row i with row R/2 + i). For small modules the cost of a Gram
+    product per module is the per-op overhead, not the arithmetic; here the blocks of one width share one batched Gram
+    product, and every module's terms come out of one ``[modules, 3, B]`` tensor.
+
+    ``budget``: the most elements kept (``add`` declines past it, and the caller reduces that module at once).
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.size = budget, 0
+        self._rows: list[Tensor] = []
+        self._owner: list[int] = []
+        self._names: dict[str, int] = {}
+
+    def add(self, name: str, *blocks: Tensor) -> bool:
+        """Keep the blocks ``[R, n_k]`` of module ``name``'s per-row gradients (its weight's, its bias's), all or none;
+        False past the budget."""
+        first = self._rows[0] if self._rows else blocks[0]
+        size = self.size + sum(b.numel() for b in blocks)
+        if size > self.budget or any(b.shape[0] != first.shape[0] or b.dtype != first.dtype
+                                     or b.device != first.device for b in blocks):
+            return False
+        self.size = size
+        owner = self._names.setdefault(name, len(self._names))
+        self._rows.extend(blocks)
+        self._owner.extend([owner] * len(blocks))
+        return True
+
+    def reduce(self) -> dict[str, Terms]:
+        """Every kept module's :class:`Terms`, and the batch emptied."""
+        if not self._rows:
+            return {}
+        first = self._rows[0]
+        n_rows, device = first.shape[0], first.device
+        index = gram_stat_index(n_rows // 2, device)
+        widths: dict[int, list[int]] = {}
+        for k, block in enumerate(self._rows):
+            widths.setdefault(block.shape[1], []).append(k)
+        out = torch.zeros(len(self._names), index.shape[0], dtype=first.dtype, device=device)
+        for members in widths.values():
+            stacked = torch.stack([self._rows[k] for k in members])  # [G, R, n]
+            grams = torch.bmm(stacked, stacked.transpose(1, 2)).view(len(members), -1)  # [G, R * R]
+            out.index_add_(0, torch.tensor([self._owner[k] for k in members], device=device),
+                           grams.index_select(1, index))
+        out = out.view(len(self._names), 3, -1)
+        terms = {name: Terms.of(out[m]) for name, m in self._names.items()}
+        self.__init__(self.budget)
+        return terms
 
 
 def row_grad_terms(grads: Tensor, pairs: Tensor, *, ordered: bool = False) -> Terms:
