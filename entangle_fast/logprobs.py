@@ -151,9 +151,10 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
     n, v, d = hidden.shape[0], weight.shape[0], hidden.shape[1]
     cdt = compute_dtype(hidden.dtype)
     r = torch.zeros(n, d, dtype=cdt, device=hidden.device)
-    gw = torch.empty(v, d, dtype=weight.dtype, device=hidden.device)
-    gb = torch.empty(v, dtype=cdt, device=hidden.device) if need_bias_grad else None
     chunks = _vocab_chunks(n, v, True, None)
+    # One chunk: the book-kept gradients are the outputs themselves, no copy.
+    gw = torch.empty(v, d, dtype=weight.dtype, device=hidden.device) if len(chunks) > 1 else None
+    gb = torch.empty(v, dtype=cdt, device=hidden.device) if need_bias_grad and len(chunks) > 1 else None
     buf = torch.empty(n * max(c1 - c0 for c0, c1 in chunks), dtype=cdt, device=hidden.device)
     rows = hidden.view(sums.rows, sums.width, d)
     if rows.dtype != cdt:
@@ -169,9 +170,12 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
         # hidden [R, T, d] and its delta tile [R, T, v1 - v0] share dtype, device and layout by construction.
         res = dense_with_plan(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.plan, bias=need_bias_grad,
                               out_dtype=weight.dtype, backend=backend)
-        gw[v0:v1] = res.grad_weight
-        if gb is not None:
-            gb[v0:v1] = res.grad_bias
+        if len(chunks) == 1:
+            gw, gb = res.grad_weight, (res.grad_bias.to(cdt) if need_bias_grad else None)
+        else:
+            gw[v0:v1] = res.grad_weight
+            if gb is not None:
+                gb[v0:v1] = res.grad_bias
         sums.add(res.stats)
     return r, gw, gb
 

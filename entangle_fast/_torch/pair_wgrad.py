@@ -44,6 +44,28 @@ def gram_stat_index(b: int, device) -> Tensor:
     return index
 
 
+_BLOCK_INDEX: dict = {}
+
+
+def pair_block_index(b: int, device) -> Tensor:
+    """Flat positions in ``[b, 2, 2]`` per-pair Gram blocks (:func:`pair_blocks`) of ``<G_w, G_l>``, ``||G_w||^2`` and
+    ``||G_l||^2`` for each of the b pairs: ``[3b]``."""
+    key = (b, device)
+    index = _BLOCK_INDEX.get(key)
+    if index is None:
+        i = 4 * torch.arange(b, device=device)
+        index = _BLOCK_INDEX[key] = torch.cat([i + 1, i, i + 3])
+    return index
+
+
+def pair_blocks(flat: Tensor, b: int, acc: Tensor | None = None) -> Tensor:
+    """``[b, 2, 2]`` Gram blocks of each pair's two rows of ``flat [2b, n]`` (row i with row b + i), added to ``acc``
+    when given: the 3 dot products per pair the statistics need (and one repeated), half the work of the whole
+    ``[2b, 2b]`` Gram matrix and one batched product."""
+    p = flat.view(2, b, -1).transpose(0, 1)  # [b, 2, n]
+    return torch.bmm(p, p.transpose(1, 2)) if acc is None else acc.baddbmm_(p, p.transpose(1, 2))
+
+
 def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor | None, stats: Tensor,
                    pairs_per_chunk: int, ordered: bool = False) -> None:
     """The pair loop of the PyTorch path: for each chunk of b pairs, ``blocks(rows)`` gives the rows' zero-padded
@@ -51,8 +73,8 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
     d_out, one bmm forms the rows' gradients ``[2b, s, d_in]``; one Gram product of the flattened slices accumulates
     every dot product the statistics need, one matrix-vector product folds the rows into ``gw`` (a plain sum over the
     rows when ``ordered``: every row in one pair): two passes over a slice that is still in cache, instead of one pass
-    per statistic over the whole ``[2b, d_out, d_in]``. The statistics are read off the accumulated ``[2b, 2b]`` Gram
-    matrix once per chunk.
+    per statistic over the whole ``[2b, d_out, d_in]``. The Gram products are those of each pair's two rows
+    (:func:`pair_blocks`), and the statistics are read off them once per chunk.
 
     ``gw``, ``gb`` and ``stats`` may be uninitialised (``torch.empty``): the first chunk writes them, later ones add.
     """
@@ -70,7 +92,7 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
             o1 = min(o0 + step, d_out)
             rows = torch.bmm(gt[:, o0:o1], x)  # [2b, s, d_in]: the only live per-row gradients
             flat = rows.view(2 * b, -1)
-            gram = flat @ flat.T if gram is None else gram.addmm_(flat, flat.T)
+            gram = pair_blocks(flat, b, gram)
             if ordered:
                 torch.sum(rows, 0, out=gw[o0:o1])
             elif c0 == 0:
@@ -79,7 +101,7 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
                 gw[o0:o1].view(1, -1).addmm_(weights, flat)
         if gb is not None:
             sums = g.sum(dim=1)  # [2b, d_out] per-row bias gradients
-            gram = sums @ sums.T if gram is None else gram.addmm_(sums, sums.T)
+            gram = pair_blocks(sums, b, gram)
             if ordered:
                 torch.sum(sums, 0, out=gb)
             elif c0 == 0:
@@ -89,9 +111,9 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
         if gram is None:  # d_out == 0
             stats[:, c0:c1] = 0
         elif c0 == 0 and c1 == n_pairs:
-            torch.take(gram, gram_stat_index(b, gram.device), out=stats.view(-1))
+            torch.take(gram, pair_block_index(b, gram.device), out=stats.view(-1))
         else:
-            stats[:, c0:c1] = torch.take(gram, gram_stat_index(b, gram.device)).view(3, b)
+            stats[:, c0:c1] = torch.take(gram, pair_block_index(b, gram.device)).view(3, b)
 
 
 def _outputs(d_out: int, d_in: int, n_pairs: int, bias: bool, cdt: torch.dtype, device):
@@ -168,13 +190,14 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     if ordered and is_small(n_rows, d_out, d_in) and not unpaired.numel() and chunk_rows is None:
         # Small layers in the default layout (every row paired once, in order): every per-row gradient at once.
         flat, gw, sums = small_layer_rows(a, gamma, bias=bias)
-        gram = flat @ flat.T
+        b = n_rows // 2
+        gram = pair_blocks(flat, b)
         gb = None
         if sums is not None:
-            gram.addmm_(sums, sums.T)
+            pair_blocks(sums, b, gram)
             gb = sums.sum(0)
             gb = gb if out_dtype == cdt else gb.to(out_dtype)
-        stats = torch.take(gram, gram_stat_index(n_rows // 2, gram.device)).view(3, -1)
+        stats = torch.take(gram, pair_block_index(b, gram.device)).view(3, -1)
         return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, stats
     device = a.device
     pairs, fold = pairs.to(device), fold.to(device)

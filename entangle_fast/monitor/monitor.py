@@ -45,6 +45,20 @@ def _in_backward() -> bool:
 ROW_BATCH_ELEMENTS = 1 << 22
 
 
+_FLAGS: dict = {}
+
+
+def _flags(values: tuple, device) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per distinct tuple (the same at every step)."""
+    key = (values, device)
+    out = _FLAGS.get(key)
+    if out is None:
+        if len(_FLAGS) >= 64:
+            _FLAGS.pop(next(iter(_FLAGS)))
+        out = _FLAGS[key] = torch.tensor(values, device=device)
+    return out
+
+
 class _ForwardSwap:
     """Replace a module's forward by an instance attribute for the duration; ``remove()`` restores it."""
 
@@ -124,6 +138,7 @@ class EntanglementMonitor:
         self.coverage = build_coverage(model, params, exclude)
         check_model(model, self.coverage.params)
         self._dropouts = dropout_modules(model)  # the structure is fixed with the coverage
+        self._device_type = self.coverage.params[0].device.type if self.coverage.params else "cpu"
         if self.position_attribution:
             generic = [e.name for e in self.coverage.entries if e.kind == "rowwise"]
             if generic:
@@ -815,7 +830,7 @@ class EntanglementMonitor:
     def _no_autocast(self):
         """The monitor's reductions run in their own dtypes: on CPU the backward (and its hooks) run in the caller's
         thread, inside the caller's autocast region when there is one."""
-        device = self.coverage.params[0].device.type if self.coverage.params else "cpu"
+        device = self._device_type
         return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
     def _finalize(self) -> None:
@@ -863,7 +878,7 @@ class EntanglementMonitor:
         if names:
             stacks = [t.as_stack() for t in self._results.values()]
             raw = torch.stack([t if t.dtype == a_w.dtype else t.to(a_w.dtype) for t in stacks])
-            in_loss = torch.tensor([not t.logprob_units for t in self._results.values()], device=a_w.device)
+            in_loss = _flags(tuple(not t.logprob_units for t in self._results.values()), a_w.device)
             terms = torch.where(den != 0, torch.where(in_loss[:, None, None], raw / den, raw), nan)
             totals = terms.sum(0)
         else:

@@ -416,6 +416,9 @@ def broadcast_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor
                       for g, c in zip(grads, copies)], dim=1)
 
 
+_OWNERS: dict = {}  # RowBatch.reduce's module index of each block of one width, per distinct layout
+
+
 class RowBatch:
     """Per-row gradients ``[R, n]`` of small modules, kept until the end of the backward and reduced to their pair
     terms together (rows in the default pair layout: row i with row R/2 + i). For small modules the cost of a Gram
@@ -459,8 +462,13 @@ class RowBatch:
         for members in widths.values():
             stacked = torch.stack([self._rows[k] for k in members])  # [G, R, n]
             grams = torch.bmm(stacked, stacked.transpose(1, 2)).view(len(members), -1)  # [G, R * R]
-            out.index_add_(0, torch.tensor([self._owner[k] for k in members], device=device),
-                           grams.index_select(1, index))
+            owners = tuple(self._owner[k] for k in members)
+            key = (owners, device)
+            if key not in _OWNERS:
+                if len(_OWNERS) >= 256:
+                    _OWNERS.pop(next(iter(_OWNERS)))
+                _OWNERS[key] = torch.tensor(owners, device=device)
+            out.index_add_(0, _OWNERS[key], grams.index_select(1, index))
         out = out.view(len(self._names), 3, -1)
         terms = {name: Terms.of(out[m]) for name, m in self._names.items()}
         self.__init__(self.budget)
