@@ -104,9 +104,11 @@ class EntanglementMonitor:
         exclude: parameters, modules or their names to leave out of the statistics (the explicit opt-out for
             parameters the monitor cannot cover exactly).
         position_attribution: also return ``stats.position_attribution`` ``[B, T, T]`` (exact mode only).
-        bookkeeping: linear layers and Conv1D form their own weight gradients in the monitor, pair by pair, with the
-            statistics from the same partial sums (docs/math.md section 4.2), and autograd does not form them a
-            second time: monitoring then costs about what those weight gradients cost. ``.grad`` then equals the
+        bookkeeping: linear layers, Conv1D and embeddings form their own weight gradients in the monitor, pair by
+            pair, with the statistics from the same partial sums (docs/math.md section 4.2), and autograd does not
+            form them a second time: monitoring then costs about what those weight gradients cost (norms, checked
+            once to take per-row parameters, get their per-row gradients from the step's backward through per-row
+            views of their parameters; docs/monitor.md, "Book-keeping"). ``.grad`` then equals the
             unmonitored step's up to summation order (rounding: float64 agrees to ~1e-15 relative; fp32/bf16 are no
             further from the float64 gradient than the unmonitored step). ``False`` leaves every gradient to
             autograd, bit-identical to the unmonitored step, at the price of a second pass over each layer. Applies in
@@ -639,7 +641,7 @@ class EntanglementMonitor:
         if self._pair_plan is None or self._pair_plan.rows != rows or self._pair_plan_pairs is not pairs:
             from entangle_fast.bookkeeping import PairPlan
 
-            self._pair_plan, self._pair_plan_pairs = PairPlan(rows, pairs), pairs
+            self._pair_plan, self._pair_plan_pairs = PairPlan.of(rows, pairs), pairs
         return self._pair_plan
 
     def _cdt(self) -> torch.dtype:
