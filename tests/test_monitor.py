@@ -487,29 +487,3 @@ def test_embedding_bookkeep_matches_dense_row_gradients(layout, dense, monkeypat
     for value, want in zip((got.inner, got.chosen, got.rejected),
                            _dense_pair_terms(dense_rows.reshape(n_rows, -1), pairs)):
         assert_exact64(value, want)
-
-
-def test_row_batch_reduces_every_module_at_once():
-    """Per-row gradients kept in a RowBatch (several blocks for one module: weight and bias) give each module's
-    terms of its concatenated rows; past its budget the batch declines, all of a module's blocks or none."""
-    from entangle_fast.monitor import reductions as R
-
-    gen = torch.Generator().manual_seed(6)
-    pairs = torch.stack([torch.arange(3), torch.arange(3) + 3], 1)
-    blocks = {"a": [torch.randn(6, 10, generator=gen, dtype=torch.float64)],
-              "b": [torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen, dtype=torch.float64)],
-              "c": [torch.randn(6, 1, generator=gen, dtype=torch.float64)]}
-    batch = R.RowBatch(budget=10_000)
-    for name, bs in blocks.items():
-        assert batch.add(name, *bs)
-    got = batch.reduce()
-    assert set(got) == set(blocks) and batch.reduce() == {}
-    for name, bs in blocks.items():
-        want = _dense_pair_terms(torch.cat(bs, 1), pairs)
-        for value, w in zip((got[name].inner, got[name].chosen, got[name].rejected), want):
-            assert_exact64(value, w, rtol=1e-12, name=name)
-
-    small = R.RowBatch(budget=6 * 12)
-    assert small.add("a", torch.zeros(6, 10, dtype=torch.float64))
-    assert not small.add("b", torch.zeros(6, 1, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64))
-    assert list(small.reduce()) == ["a"]

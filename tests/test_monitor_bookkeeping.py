@@ -113,6 +113,8 @@ def test_bookkeeping_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16), EntanglementMonitor(model) as mon:
         _step(model, batch)
     assert mon._bookkept and torch.isfinite(mon.stats.inner).all()
+    # backward() ran inside the autocast region: the monitor's own reductions must not have been autocast to bf16.
+    assert {t.as_stack().dtype for t in mon._results.values()} == {torch.float32}
     params64 = dict(model64.named_parameters())
     for name, p in model.named_parameters():
         assert p.grad.dtype == torch.float32

@@ -29,21 +29,6 @@ def _pairs_per_chunk(d_in: int, d_out: int, t_max: int, itemsize: int, chunk_row
 CACHE_ELEMENTS = 1 << 20
 
 
-_STAT_INDEX: dict = {}
-
-
-def gram_stat_index(b: int, device) -> Tensor:
-    """Flat positions in a ``[2b, 2b]`` Gram matrix of rows (chosen rows, then rejected) of ``<G_w, G_l>``,
-    ``||G_w||^2`` and ``||G_l||^2`` for each of the b pairs: ``[3b]``."""
-    key = (b, device)
-    index = _STAT_INDEX.get(key)
-    if index is None:
-        i = torch.arange(b, device=device)
-        n = 2 * b
-        index = _STAT_INDEX[key] = torch.cat([i * n + b + i, i * n + i, (b + i) * n + b + i])
-    return index
-
-
 _BLOCK_INDEX: dict = {}
 
 
@@ -187,9 +172,12 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     d_out = gamma.shape[2]
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
-    if ordered and is_small(n_rows, d_out, d_in) and not unpaired.numel() and chunk_rows is None:
+    if ordered and 0 < n_rows * d_out * d_in <= CACHE_ELEMENTS and not unpaired.numel() and chunk_rows is None:
         # Small layers in the default layout (every row paired once, in order): every per-row gradient at once.
-        flat, gw, sums = small_layer_rows(a, gamma, bias=bias)
+        x = a if a.dtype == cdt else a.to(cdt)
+        g = gamma if gamma.dtype == cdt else gamma.to(cdt)
+        rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
+        flat, gw, sums = rows.view(n_rows, -1), rows.sum(0), (g.sum(dim=1) if bias else None)
         b = n_rows // 2
         gram = pair_blocks(flat, b)
         gb = None
@@ -218,21 +206,6 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
         if gb is not None:
             gb.add_(g_u.sum(dim=0))
     return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats
-
-
-def is_small(n_rows: int, d_out: int, d_in: int) -> bool:
-    """Whether a layer's per-row gradients ``[R, d_out, d_in]`` are formed all at once (:func:`small_layer_rows`)."""
-    return 0 < n_rows * d_out * d_in <= CACHE_ELEMENTS
-
-
-def small_layer_rows(a: Tensor, gamma: Tensor, *, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Every per-row gradient of a small layer at once, from ``a [R, T, d_in]`` and ``gamma [R, T, d_out]``, in the
-    compute dtype: ``(rows [R, d_out * d_in], grad_weight [d_out, d_in], bias rows [R, d_out] | None)``."""
-    cdt = compute_dtype(a.dtype)
-    x = a if a.dtype == cdt else a.to(cdt)
-    g = gamma if gamma.dtype == cdt else gamma.to(cdt)
-    rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
-    return rows.view(a.shape[0], -1), rows.sum(0), (g.sum(dim=1) if bias else None)
 
 
 def is_default_layout(pairs: Tensor, n_rows: int) -> bool:

@@ -40,11 +40,6 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-# The most elements of per-row gradients the monitor keeps for the end of a step's backward (R.RowBatch): 16 MiB in
-# fp32. Small layers only: a layer's rows are kept when R d_out d_in is at most CACHE_ELEMENTS of the PyTorch path.
-ROW_BATCH_ELEMENTS = 1 << 22
-
-
 _FLAGS: dict = {}
 
 
@@ -289,10 +284,8 @@ class EntanglementMonitor:
                 rows = self._rows_hint or ids.shape[0]
                 ids2, g = as_rows(ids, rows, self._width_hint, ids=True), as_rows(gamma, rows, self._width_hint)
                 grad_w, terms = R.embedding_bookkeep(ids2, g, self._plan(rows), num_embeddings=module.num_embeddings,
-                                                     padding_idx=module.padding_idx, dtype=self._cdt(), out_dtype=dtype,
-                                                     batch=self._row_batch, name=entry.name)
-            if terms is not None:
-                self._store(entry.name, terms)
+                                                     padding_idx=module.padding_idx, dtype=self._cdt(), out_dtype=dtype)
+            self._store(entry.name, terms)
             return grad_w
         except Exception as err:  # the step goes on with a plainly formed gradient; stats reports the problem
             self._fail(f"module {entry.name!r}: {err}", err)
@@ -329,10 +322,8 @@ class EntanglementMonitor:
             with torch.no_grad():
                 rows = self._rows_hint or x.shape[0]
                 grad_w, grad_b, terms = bookkeep(x, gamma, self._plan(rows), transpose=transpose, bias=bias,
-                                                 rows=rows, width=self._width_hint, dtype=dtype,
-                                                 batch=self._row_batch, name=entry.name)
-            if terms is not None:  # None: left in the row batch, reduced with the others at the end
-                self._store(entry.name, terms)
+                                                 rows=rows, width=self._width_hint, dtype=dtype)
+            self._store(entry.name, terms)
             return grad_w, grad_b
         except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem
             module = entry.module
@@ -389,10 +380,9 @@ class EntanglementMonitor:
                         else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,
                                          device=self.coverage.params[0].device)
                         for a, g in zip(entry.tracked, grads)]
+                rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
                 plan = self._plan(n_rows)
-                if not (plan.ordered and self._row_batch.add(entry.name, *rows)):
-                    rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
-                    self._store(entry.name, R.row_grad_terms(rows, plan.pairs, ordered=plan.ordered))
+                self._store(entry.name, R.row_grad_terms(rows, plan.pairs, ordered=plan.ordered))
         except Exception as err:  # noqa: BLE001 - surfaced by .stats
             self._fail(f"module {entry.name!r}: {err}", err)
 
@@ -424,8 +414,6 @@ class EntanglementMonitor:
         self._kept: list[F.KeptUse] = []
         self._row_sums: dict[int, Tensor] = {}
         self._param_grads: dict[int, Tensor] = {}
-        # Small modules' per-row gradients, reduced together at the end of the backward.
-        self._row_batch = R.RowBatch(ROW_BATCH_ELEMENTS)
 
     def _fail(self, message: str, err: BaseException | None = None) -> None:
         self._errors.append((message, err))
@@ -846,11 +834,6 @@ class EntanglementMonitor:
                                "(run forward, loss and backward inside it)")
         for unit in range(len(self.coverage.units)):
             self._reduce_unit_safely(unit)
-        try:
-            for name, terms in self._row_batch.reduce().items():
-                self._store(name, terms)
-        except Exception as err:  # noqa: BLE001 - reported with the others below
-            self._fail(f"the small modules' per-row gradients: {err}", err)
         self._check_rowwise()
         if self._errors:
             message, err = self._errors[0]

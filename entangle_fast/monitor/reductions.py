@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from entangle_fast._backend import compute_dtype  # noqa: F401  (R.compute_dtype for the monitor and profiler)
-from entangle_fast._torch.pair_wgrad import gram_stat_index
+from entangle_fast._torch.pair_wgrad import pair_block_index, pair_blocks
 from entangle_fast.ghost import ghost_gram
 from entangle_fast.token_stats import head_delta_at
 
@@ -303,15 +303,13 @@ DENSE_EMBEDDING_ELEMENTS = 1 << 20
 
 
 def embedding_bookkeep(ids: Tensor, gamma: Tensor, plan, *, num_embeddings: int, padding_idx: int | None,
-                       dtype: torch.dtype, out_dtype: torch.dtype, batch: RowBatch | None = None,
-                       name: str = "") -> tuple[Tensor, Terms | None]:
+                       dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[Tensor, Terms]:
     """An embedding's weight gradient and its per-pair terms from the same per-row gradients (book-keeping,
     docs/math.md section 4.2): ``ids [R, T]``, ``gamma [R, T, d]`` its output gradient, ``plan`` the step's
     :class:`entangle_fast.bookkeeping.PairPlan`. Each row's gradient is the summed gamma of each id it holds
     (``padding_idx`` gets none, as in ``F.embedding``): dense ``[V, d]`` per row when R V d is small and the pairs are
     in the default layout, else sparse (the distinct ids of each row, pairs meeting on shared ids). The weight gradient
-    ``[num_embeddings, d]`` in ``out_dtype`` sums them, accumulated in ``dtype``. With a ``batch``, dense rows are
-    left there under ``name`` and the terms are None."""
+    ``[num_embeddings, d]`` in ``out_dtype`` sums them, accumulated in ``dtype``."""
     n_rows, width, d = gamma.shape
     device = gamma.device
     ids = ids.reshape(n_rows, width).to(torch.int64)
@@ -321,12 +319,10 @@ def embedding_bookkeep(ids: Tensor, gamma: Tensor, plan, *, num_embeddings: int,
     keys = (torch.arange(n_rows, device=device).unsqueeze(1) * num_embeddings + ids).reshape(-1)
     if plan.ordered and 0 < n_rows * num_embeddings * d <= DENSE_EMBEDDING_ELEMENTS:
         rows = torch.zeros(n_rows * num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys, g)
-        flat = rows.view(n_rows, -1)
+        b = n_rows // 2
+        stats = torch.take(pair_blocks(rows.view(n_rows, -1), b), pair_block_index(b, device)).view(3, -1)
         grad_w = rows.view(n_rows, num_embeddings, d).sum(0)
-        grad_w = grad_w if out_dtype == dtype else grad_w.to(out_dtype)
-        if batch is not None and batch.add(name, flat):
-            return grad_w, None
-        return grad_w, Terms.of(torch.take(flat @ flat.T, gram_stat_index(n_rows // 2, device)).view(3, -1))
+        return (grad_w if out_dtype == dtype else grad_w.to(out_dtype)), Terms.of(stats)
     keys, inverse = torch.unique(keys, return_inverse=True)  # sorted: by row, then id
     grads = torch.zeros(keys.shape[0], d, dtype=dtype, device=device).index_add_(0, inverse, g)
     grad_w = torch.zeros(num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys % num_embeddings, grads)
@@ -416,71 +412,12 @@ def broadcast_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor
                       for g, c in zip(grads, copies)], dim=1)
 
 
-_OWNERS: dict = {}  # RowBatch.reduce's module index of each block of one width, per distinct layout
-
-
-class RowBatch:
-    """Per-row gradients ``[R, n]`` of small modules, kept until the end of the backward and reduced to their pair
-    terms together (rows in the default pair layout: row i with row R/2 + i). For small modules the cost of a Gram
-    product per module is the per-op overhead, not the arithmetic; here the blocks of one width share one batched Gram
-    product, and every module's terms come out of one ``[modules, 3, B]`` tensor.
-
-    ``budget``: the most elements kept (``add`` declines past it, and the caller reduces that module at once).
-    """
-
-    def __init__(self, budget: int):
-        self.budget, self.size = budget, 0
-        self._rows: list[Tensor] = []
-        self._owner: list[int] = []
-        self._names: dict[str, int] = {}
-
-    def add(self, name: str, *blocks: Tensor) -> bool:
-        """Keep the blocks ``[R, n_k]`` of module ``name``'s per-row gradients (its weight's, its bias's), all or none;
-        False past the budget."""
-        first = self._rows[0] if self._rows else blocks[0]
-        size = self.size + sum(b.numel() for b in blocks)
-        if size > self.budget or any(b.shape[0] != first.shape[0] or b.dtype != first.dtype
-                                     or b.device != first.device for b in blocks):
-            return False
-        self.size = size
-        owner = self._names.setdefault(name, len(self._names))
-        self._rows.extend(blocks)
-        self._owner.extend([owner] * len(blocks))
-        return True
-
-    def reduce(self) -> dict[str, Terms]:
-        """Every kept module's :class:`Terms`, and the batch emptied."""
-        if not self._rows:
-            return {}
-        first = self._rows[0]
-        n_rows, device = first.shape[0], first.device
-        index = gram_stat_index(n_rows // 2, device)
-        widths: dict[int, list[int]] = {}
-        for k, block in enumerate(self._rows):
-            widths.setdefault(block.shape[1], []).append(k)
-        out = torch.zeros(len(self._names), index.shape[0], dtype=first.dtype, device=device)
-        for members in widths.values():
-            stacked = torch.stack([self._rows[k] for k in members])  # [G, R, n]
-            grams = torch.bmm(stacked, stacked.transpose(1, 2)).view(len(members), -1)  # [G, R * R]
-            owners = tuple(self._owner[k] for k in members)
-            key = (owners, device)
-            if key not in _OWNERS:
-                if len(_OWNERS) >= 256:
-                    _OWNERS.pop(next(iter(_OWNERS)))
-                _OWNERS[key] = torch.tensor(owners, device=device)
-            out.index_add_(0, _OWNERS[key], grams.index_select(1, index))
-        out = out.view(len(self._names), 3, -1)
-        terms = {name: Terms.of(out[m]) for name, m in self._names.items()}
-        self.__init__(self.budget)
-        return terms
-
-
 def row_grad_terms(grads: Tensor, pairs: Tensor, *, ordered: bool = False) -> Terms:
     """Pair terms from per-row gradient vectors ``grads [R, n]``. ``ordered``: ``pairs`` is the default layout (row i
     with row R/2 + i, every row once), where one Gram product of the rows holds every term."""
     if ordered and grads.shape[0]:
-        gram = grads @ grads.T
-        return Terms.of(torch.take(gram, gram_stat_index(grads.shape[0] // 2, gram.device)).view(3, -1))
+        b = grads.shape[0] // 2
+        return Terms.of(torch.take(pair_blocks(grads, b), pair_block_index(b, grads.device)).view(3, -1))
     g = grads[pairs.reshape(-1).to(grads.device)].view(pairs.shape[0], 2, -1)
     gw, gl = g[:, 0], g[:, 1]
     return Terms((gw * gl).sum(1), (gw * gw).sum(1), (gl * gl).sum(1))

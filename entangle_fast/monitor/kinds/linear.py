@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entangle_fast._backend import resolve_impl
-from entangle_fast._torch.pair_wgrad import is_small, small_layer_rows, torch_pair_wgrad_dense
+from entangle_fast._torch.pair_wgrad import torch_pair_wgrad_dense
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows, stock_forward
 
@@ -180,14 +180,12 @@ class BookkeptLinear(torch.autograd.Function):
 
 
 def bookkeep(x: Tensor, gamma: Tensor, plan, *, transpose: bool, bias: bool, rows: int, width: int,
-             dtype: torch.dtype, batch: R.RowBatch | None = None,
-             name: str = "") -> tuple[Tensor, Tensor | None, R.Terms | None]:
+             dtype: torch.dtype) -> tuple[Tensor, Tensor | None, R.Terms]:
     """The weight (and bias) gradient of one linear-like call and its per-pair terms, in one pass
-    (:func:`entangle_fast.bookkeeping.dense_with_plan`): ``(grad_weight, grad_bias | None, Terms | None)``, the
-    gradients in the parameters' layouts and ``dtype``, the terms in loss units. ``x`` and ``gamma`` are the call's
-    input and output gradient (one dtype, one device, as autograd hands them over); ``plan``: the step's
-    :class:`entangle_fast.bookkeeping.PairPlan`. With a ``batch``, a small layer in the default pair layout leaves its
-    per-row gradients there under ``name`` instead, and the terms are None.
+    (:func:`entangle_fast.bookkeeping.dense_with_plan`): ``(grad_weight, grad_bias | None, Terms)``, the gradients in
+    the parameters' layouts and ``dtype``, the terms in loss units. ``x`` and ``gamma`` are the call's input and output
+    gradient (one dtype, one device, as autograd hands them over); ``plan``: the step's
+    :class:`entangle_fast.bookkeeping.PairPlan`.
 
     Raises:
         CaptureError: the call's input does not split into the forward's ``rows`` rows.
@@ -196,14 +194,6 @@ def bookkeep(x: Tensor, gamma: Tensor, plan, *, transpose: bool, bias: bool, row
     backend = resolve_impl("auto", g.device, g.dtype)
     if backend == "torch":  # the PyTorch launcher itself: no result object to build and take apart
         pairs, fold, unpaired = plan.on(g.device)
-        if batch is not None and plan.ordered and is_small(rows, g.shape[2], a.shape[2]) and not unpaired.numel():
-            flat, grad_w, sums = small_layer_rows(a, g, bias=bias)
-            blocks = (flat,) if sums is None else (flat, sums)
-            if batch.add(name, *blocks):
-                grad_b = None if sums is None else sums.sum(0)
-                if grad_w.dtype != dtype:
-                    grad_w, grad_b = grad_w.to(dtype), (None if grad_b is None else grad_b.to(dtype))
-                return (grad_w.T if transpose else grad_w), grad_b, None
         grad_w, grad_b, stats = torch_pair_wgrad_dense(a, g, pairs, fold, unpaired if a.shape[1] else unpaired[:0],
                                                        bias=bias, out_dtype=dtype, ordered=plan.ordered)
     else:
