@@ -414,7 +414,7 @@ def broadcast_row_grads(module, attrs: tuple[str, ...], x: Tensor, gamma: Tensor
 
 def row_grad_terms(grads: Tensor, pairs: Tensor, *, ordered: bool = False) -> Terms:
     """Pair terms from per-row gradient vectors ``grads [R, n]``. ``ordered``: ``pairs`` is the default layout (row i
-    with row R/2 + i, every row once), where one Gram product of the rows holds every term."""
+    with row R/2 + i, every row once), where each pair's [2, 2] Gram block of its two rows holds its terms."""
     if ordered and grads.shape[0]:
         b = grads.shape[0] // 2
         return Terms.of(torch.take(pair_blocks(grads, b), pair_block_index(b, grads.device)).view(3, -1))
