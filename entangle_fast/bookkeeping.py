@@ -32,7 +32,7 @@ Vertical slice: ``kernels/pair_wgrad.py`` (``_pair_wgrad_kernel`` -> ``pair_wgra
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -56,7 +56,6 @@ class PairWeightGrad:
     inner: ``[B]`` ``<G_w, G_l>`` of each pair (w, l).
     chosen: ``[B]`` ``||G_w||^2``.
     rejected: ``[B]`` ``||G_l||^2``.
-    stats: ``[3, B]`` the three stacked (inner, chosen, rejected), of which those fields are views.
     The three statistics are float32 (float64 for float64 inputs) and include the bias parts ``<b_w, b_l>``,
     ``||b_w||^2``, ``||b_l||^2`` when ``bias=True``.
     """
@@ -66,7 +65,6 @@ class PairWeightGrad:
     inner: Tensor
     chosen: Tensor
     rejected: Tensor
-    stats: Tensor | None = field(default=None, repr=False)
 
 
 def _check_tensors(a, gamma, out_dtype) -> None:
@@ -166,7 +164,7 @@ class PairPlan:
 
 
 def _result(gw, gb, stats) -> PairWeightGrad:
-    return PairWeightGrad(gw, gb, *stats.unbind(0), stats=stats)
+    return PairWeightGrad(gw, gb, *stats.unbind(0))
 
 
 def pair_weight_grad(
@@ -246,19 +244,20 @@ def pair_weight_grad_dense(
     if plan is None:
         if isinstance(pairs, Tensor) and pairs.device != gamma.device:
             raise ValueError(f"pairs is on {pairs.device} but gamma is on {gamma.device}")
-        plan = PairPlan(n_rows, pairs)
+        plan = PairPlan.of(n_rows, pairs)
     elif plan.rows != n_rows:
         raise ValueError(f"the plan is for {plan.rows} rows but a has {n_rows}")
     out_dtype = a.dtype if out_dtype is None else out_dtype
     _check_tensors(a.reshape(n_rows * t, a.shape[2]), gamma.reshape(n_rows * t, gamma.shape[2]), out_dtype)
-    return dense_with_plan(a, gamma, plan, bias=bias, out_dtype=out_dtype,
-                           backend=resolve_impl(impl, gamma.device, gamma.dtype), chunk_rows=chunk_rows)
+    return _result(*dense_with_plan(a, gamma, plan, bias=bias, out_dtype=out_dtype,
+                                    backend=resolve_impl(impl, gamma.device, gamma.dtype), chunk_rows=chunk_rows))
 
 
 def dense_with_plan(a: Tensor, gamma: Tensor, plan: PairPlan, *, bias: bool, out_dtype: torch.dtype, backend: str,
-                    chunk_rows: int | None = None) -> PairWeightGrad:
-    """:func:`pair_weight_grad_dense` without its checks, on a resolved ``backend``: for callers that hold the contract
-    by construction (the monitor's book-kept layers: ``a`` and ``gamma`` are a linear map's input and output gradient,
+                    chunk_rows: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`pair_weight_grad_dense` without its checks, on a resolved ``backend``, returning the launcher's
+    ``(grad_weight, grad_bias | None, stats [3, B])``: for callers that hold the contract by construction (the
+    monitor's book-kept layers and the fused head: ``a`` and ``gamma`` are a linear map's input and output gradient,
     ``[R, T, d]`` of one floating dtype on one device, and ``plan`` is for their R rows)."""
     n_rows, t = a.shape[:2]
     device = gamma.device
@@ -266,9 +265,9 @@ def dense_with_plan(a: Tensor, gamma: Tensor, plan: PairPlan, *, bias: bool, out
     if t == 0:
         unpaired = unpaired[:0]
     if backend == "torch":
-        return _result(*torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
-                                               chunk_rows=chunk_rows, ordered=plan.ordered))
+        return torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
+                                      chunk_rows=chunk_rows, ordered=plan.ordered)
     cu = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * t
     args = (a.reshape(n_rows * t, a.shape[2]).contiguous(), gamma.reshape(n_rows * t, gamma.shape[2]).contiguous(), cu,
             pr.contiguous(), fold, unpaired)
-    return _result(*launcher("pair_wgrad", backend)(*args, bias=bias, out_dtype=out_dtype))
+    return launcher("pair_wgrad", backend)(*args, bias=bias, out_dtype=out_dtype)

@@ -59,7 +59,9 @@ def ches_scores(hidden: Tensor, loss_mask: Tensor, pairs: Tensor | list | None =
     sums = torch.bmm(mask.unsqueeze(1), hidden if hidden.dtype == dtype else hidden.to(dtype)).squeeze(1)
     counts = mask.sum(1)
     if pairs is None:  # row i with row B + i: halves, no gather
-        b = default_pairs(rows).shape[0] if rows % 2 else rows // 2  # default_pairs names an odd row count
+        if rows % 2:
+            default_pairs(rows)  # raises, naming the odd row count
+        b = rows // 2
         h_w, h_l, t_w, t_l = sums[:b], sums[b:], counts[:b], counts[b:]
     else:
         idx = _pairs(pairs, rows, hidden.device)

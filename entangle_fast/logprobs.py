@@ -168,15 +168,15 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
             probs_out=None, scale=scale, softcap=softcap, delta_out=delta)
         delta.mul_(g)  # loss units: the head gradient's factor at each token
         # hidden [R, T, d] and its delta tile [R, T, v1 - v0] share dtype, device and layout by construction.
-        res = dense_with_plan(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.plan, bias=need_bias_grad,
-                              out_dtype=weight.dtype, backend=backend)
+        tile_gw, tile_gb, stats = dense_with_plan(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.plan,
+                                                  bias=need_bias_grad, out_dtype=weight.dtype, backend=backend)
         if len(chunks) == 1:
-            gw, gb = res.grad_weight, (res.grad_bias.to(cdt) if need_bias_grad else None)
+            gw, gb = tile_gw, (tile_gb.to(cdt) if need_bias_grad else None)
         else:
-            gw[v0:v1] = res.grad_weight
+            gw[v0:v1] = tile_gw
             if gb is not None:
-                gb[v0:v1] = res.grad_bias
-        sums.add(res.stats)
+                gb[v0:v1] = tile_gb
+        sums.add(stats)
     return r, gw, gb
 
 

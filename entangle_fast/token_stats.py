@@ -124,7 +124,7 @@ class PairLayout:
         self.pairs = pairs
         self.transform = transform if transform is not None else IDENTITY
         self.accumulates_deltas = self.transform.softcap is not None
-        valid = labels != ignore_index
+        self.valid = valid = labels != ignore_index
         self.row_positions = [torch.nonzero(valid[r]).flatten() for r in range(self.num_rows)]
         self.row_tokens = [r * self.seq_len + pos for r, pos in enumerate(self.row_positions)]
         self.products = []
@@ -207,9 +207,6 @@ def finalize_token_stats(
     chosen_matrix, rejected_matrix = padded(tw_max, tw_max), padded(tl_max, tl_max)
     chosen_pos = torch.full((num_pairs, tw_max), -1, dtype=torch.long, device=dev)
     rejected_pos = torch.full((num_pairs, tl_max), -1, dtype=torch.long, device=dev)
-    a_w = torch.full((num_pairs,), float("nan"), dtype=cdt, device=dev)
-    a_l = a_w.clone()
-    uniform = torch.ones(num_pairs, dtype=torch.bool, device=dev)
     bias_term = 1.0 if bias is not None else 0.0
 
     for i, ((w, l), pp) in enumerate(zip(layout.pairs.tolist(), layout.products)):
@@ -230,15 +227,13 @@ def finalize_token_stats(
         hidden_gram[i, :tw, :tl] = rw @ rl.T
         chosen_pos[i, :tw] = layout.row_positions[w]
         rejected_pos[i, :tl] = layout.row_positions[l]
-        if grad_logprobs is not None:
-            gw, gl = grad_logprobs[tok_w].to(cdt), grad_logprobs[tok_l].to(cdt)
-            a_w[i] = gw.mean() if tw else float("nan")
-            a_l[i] = gl.mean() if tl else float("nan")
-            uniform[i] = bool((gw == gw[:1]).all() and (gl == gl[:1]).all())
 
     inner = token_matrix.sum((1, 2))
     nw, nl = chosen_matrix.sum((1, 2)), rejected_matrix.sum((1, 2))
     traced = grad_logprobs is not None
+    a_w = a_l = uniform = None
+    if traced:
+        a_w, a_l, uniform = upstream_coefficients(layout.valid, grad_logprobs, layout.pairs, cdt)
     return OutputLayerTokenStats(
         pairs=layout.pairs,
         chosen_positions=chosen_pos,
@@ -251,9 +246,9 @@ def finalize_token_stats(
         chosen_sq_norm=nw,
         rejected_sq_norm=nl,
         cosine=inner / torch.sqrt(nw * nl),
-        a_w=a_w if traced else None,
-        a_l=a_l if traced else None,
-        uniform_upstream=uniform if traced else None,
+        a_w=a_w,
+        a_l=a_l,
+        uniform_upstream=uniform,
         chosen_matrix=chosen_matrix if full_matrices else None,
         rejected_matrix=rejected_matrix if full_matrices else None,
     )

@@ -260,9 +260,17 @@ def embedding_sparse_terms(tok: Tokens, pairs: Tensor) -> Terms:
         return Terms(zero, zero.clone(), zero.clone())
     ids = tok.ids.to(torch.int64)
     n_ids = int(ids.max()) + 1
-    keys, inverse = torch.unique(token_rows(tok) * n_ids + ids, return_inverse=True)
-    grads = torch.zeros(keys.shape[0], d, dtype=dtype, device=device).index_add_(0, inverse, tok.gamma)
+    keys, grads = sparse_rows(token_rows(tok) * n_ids + ids, tok.gamma)
     return sparse_row_terms(keys, grads, n_ids, tok.rows, pairs.to(device))
+
+
+def sparse_rows(keys: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """Sparse per-row embedding gradients from the tokens' ``(row, id)`` keys ``row * n_ids + id`` ``[S]`` and their
+    output gradients ``[S, d]``: ``(keys [U], grads [U, d])``, the distinct keys sorted (by row, then id) and the
+    summed gradient of each."""
+    keys, inverse = torch.unique(keys, return_inverse=True)
+    grads = torch.zeros(keys.shape[0], gamma.shape[1], dtype=gamma.dtype, device=gamma.device)
+    return keys, grads.index_add_(0, inverse, gamma)
 
 
 def sparse_row_terms(keys: Tensor, grads: Tensor, n_ids: int, n_rows: int, pairs: Tensor, *,
@@ -323,8 +331,7 @@ def embedding_bookkeep(ids: Tensor, gamma: Tensor, plan, *, num_embeddings: int,
         stats = torch.take(pair_blocks(rows.view(n_rows, -1), b), pair_block_index(b, device)).view(3, -1)
         grad_w = rows.view(n_rows, num_embeddings, d).sum(0)
         return (grad_w if out_dtype == dtype else grad_w.to(out_dtype)), Terms.of(stats)
-    keys, inverse = torch.unique(keys, return_inverse=True)  # sorted: by row, then id
-    grads = torch.zeros(keys.shape[0], d, dtype=dtype, device=device).index_add_(0, inverse, g)
+    keys, grads = sparse_rows(keys, g)
     grad_w = torch.zeros(num_embeddings, d, dtype=dtype, device=device).index_add_(0, keys % num_embeddings, grads)
     terms = sparse_row_terms(keys, grads, num_embeddings, n_rows, plan.on(device)[0], ordered=plan.ordered)
     return (grad_w if out_dtype == dtype else grad_w.to(out_dtype)), terms

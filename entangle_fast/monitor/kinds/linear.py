@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entangle_fast._backend import resolve_impl
-from entangle_fast._torch.pair_wgrad import torch_pair_wgrad_dense
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows, stock_forward
 
@@ -190,15 +189,9 @@ def bookkeep(x: Tensor, gamma: Tensor, plan, *, transpose: bool, bias: bool, row
     Raises:
         CaptureError: the call's input does not split into the forward's ``rows`` rows.
     """
-    a, g = as_rows(x, rows, width), as_rows(gamma, rows, width)
-    backend = resolve_impl("auto", g.device, g.dtype)
-    if backend == "torch":  # the PyTorch launcher itself: no result object to build and take apart
-        pairs, fold, unpaired = plan.on(g.device)
-        grad_w, grad_b, stats = torch_pair_wgrad_dense(a, g, pairs, fold, unpaired if a.shape[1] else unpaired[:0],
-                                                       bias=bias, out_dtype=dtype, ordered=plan.ordered)
-    else:
-        from entangle_fast.bookkeeping import dense_with_plan
+    from entangle_fast.bookkeeping import dense_with_plan
 
-        res = dense_with_plan(a, g, plan, bias=bias, out_dtype=dtype, backend=backend)
-        grad_w, grad_b, stats = res.grad_weight, res.grad_bias, res.stats
+    a, g = as_rows(x, rows, width), as_rows(gamma, rows, width)
+    grad_w, grad_b, stats = dense_with_plan(a, g, plan, bias=bias, out_dtype=dtype,
+                                            backend=resolve_impl("auto", g.device, g.dtype))
     return (grad_w.T if transpose else grad_w), grad_b, R.Terms.of(stats)
