@@ -249,3 +249,94 @@ def test_bookkept_embeddings_padding_and_broadcast_positions(monkeypatch):
     for name, g in plain.items():
         assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"{name} .grad")
     assert model.tok.weight.grad[2].abs().max() == 0
+
+
+def _moe(arch: str):
+    from arch_models import _build_generic, keep_float64, tiny_arch
+
+    if arch == "gpt_oss":  # transposed expert weights, biases, its own clamped gate
+        model = _build_generic(arch, 0)
+        keep_float64(model)
+        return model.eval()
+    return tiny_arch(arch)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_bookkept_experts(arch, monkeypatch):
+    """transformers' experts modules (3-D expert weights) form their weight and bias gradients in the monitor, expert
+    by expert, with the statistics from the same pass: ``.grad`` equal to the unmonitored step's to float64 rounding,
+    statistics equal to the per-row replay's (``bookkeeping=False``)."""
+    from entangle_fast.monitor.kinds import experts as X
+
+    model = _moe(arch)
+    batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
+    _step(model, batch)
+    plain = _grads(model)
+    experts = [m for m in model.modules() if X.is_experts(m)]
+    assert len(experts) == 2
+
+    formed = []
+    real = monitor_mod.EntanglementMonitor._bookkeep_experts
+    monkeypatch.setattr(monitor_mod.EntanglementMonitor, "_bookkeep_experts",
+                        lambda self, idx, which, *a: formed.append((self.coverage.entries[idx].module, which))
+                        or real(self, idx, which, *a))
+    mon = EntanglementMonitor(model)
+    for step in range(2):
+        formed.clear()
+        model.zero_grad(set_to_none=True)
+        with mon:
+            _step(model, batch)
+        kept = {id(mon.coverage.entries[i].module) for i in mon._bookkept}
+        assert all(id(m) in kept for m in experts), f"step {step}: the experts are book-kept"
+        assert sorted((id(m), w) for m, w in formed) == sorted((id(m), w) for m in experts for w in (0, 1)), \
+            "each expert projection formed its gradients once"
+        for name, g in plain.items():
+            assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")
+    booked = mon.stats
+
+    model.zero_grad(set_to_none=True)
+    with EntanglementMonitor(model, bookkeeping=False) as replayed:
+        _step(model, batch)
+    for name, g in plain.items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, g), f"{name}: bookkeeping=False changed .grad"
+    for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+        assert_exact64(getattr(booked, key), getattr(replayed.stats, key), rtol=1e-10, name=key)
+    for m in experts:
+        name = next(n for n, mod in model.named_modules() if mod is m)
+        assert_exact64(booked.per_module[name][0], replayed.stats.per_module[name][0], rtol=1e-10, name=f"{name} inner")
+
+
+def test_experts_that_compute_otherwise_take_the_generic_path(monkeypatch):
+    """An experts implementation whose output is not the eager algorithm's is found on the first monitored call: the
+    module takes the per-row replay from then on, and the statistics stay exact."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
+
+    from entangle_fast.monitor.kinds import experts as X
+    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "halved",
+                        lambda self, *args: 0.5 * batched_mm_experts_forward(self, *args))
+    model = _moe("qwen3_moe")
+    model.config._experts_implementation = "halved"
+    batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
+    out = preference_logprobs(model, batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = flat_gradients_reference(torch.cat([out.chosen_logps, out.rejected_logps]), params)
+    ref = entanglement_reference(*grads.split(grads.shape[0] // 2))
+    model.zero_grad(set_to_none=True)
+    _step(model, batch)
+    plain = _grads(model)
+
+    mon = EntanglementMonitor(model)
+    experts = [i for i, e in enumerate(mon.coverage.entries) if e.kind == "experts"]
+    assert experts and all(i in mon._bookkept for i in experts), "book-kept until checked"
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        with mon:
+            _step(model, batch)
+        assert not any(i in mon._bookkept for i in experts)
+        assert all(X.refused(mon.coverage.entries[i].module) for i in experts)
+        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+            assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-8, name=f"step {step} {key}")
+        for name, g in plain.items():
+            assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")

@@ -27,6 +27,7 @@ from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.coverage import UncoveredParametersError, build_coverage
 from entangle_fast.monitor.kinds import CaptureError, Context, Use
 from entangle_fast.monitor.kinds.base import as_rows, stock_forward
+from entangle_fast.monitor.kinds import experts as X
 from entangle_fast.monitor.kinds.embedding import BookkeptEmbedding, bookkeepable
 from entangle_fast.monitor.kinds.linear import BookkeptLinear, bookkeep
 from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer, row_param_forward
@@ -137,7 +138,7 @@ class EntanglementMonitor:
         self._dropouts = dropout_modules(model)  # the structure is fixed with the coverage
         self._device_type = self.coverage.params[0].device.type if self.coverage.params else "cpu"
         if self.position_attribution:
-            generic = [e.name for e in self.coverage.entries if e.kind == "rowwise"]
+            generic = [e.name for e in self.coverage.entries if e.kind in ("rowwise", "experts")]
             if generic:
                 raise UncoveredParametersError(
                     f"position_attribution needs per-position terms, which the generic per-row path does not give; "
@@ -145,13 +146,14 @@ class EntanglementMonitor:
         self._sketches = SketchCache(self.seed, sketch_dim)
         self.bookkeeping = bool(bookkeeping)
         self._bookkept = self._bookkept_entries() if self.bookkeeping else set()
-        self._forms = {idx: partial(self._bookkeep_embedding if self.coverage.entries[idx].kind == "embedding"
-                                    else self._bookkeep, idx) for idx in self._bookkept}
+        self._forms = {idx: self._form(idx) for idx in self._bookkept}
         self._row_param: set[int] = set()
         # Parameters of modules on the generic per-row path, checked against autograd's gradient (a shared parameter
         # sums several uses, so only parameters of one module are checked).
-        self._row_checked = {id(getattr(e.module, a)) for e in self.coverage.entries if e.kind == "rowwise"
-                             for a in e.tracked if id(getattr(e.module, a)) not in self.coverage.shared}
+        self._row_checked: set[int] = set()
+        for idx, e in enumerate(self.coverage.entries):
+            if e.kind == "rowwise" or (e.kind == "experts" and idx not in self._bookkept):
+                self._check_rows_of(idx)
         self._handles: list = []
         self._active = False
         # The default pairs and their book-keeping plan, kept across steps of one batch size.
@@ -171,7 +173,8 @@ class EntanglementMonitor:
         try:
             for idx in sorted(self._bookkept):
                 entry = self.coverage.entries[idx]
-                forward = self._bookkept_lookup if entry.kind == "embedding" else self._bookkept_forward
+                forward = {"embedding": self._bookkept_lookup, "experts": self._bookkept_experts}.get(
+                    entry.kind, self._bookkept_forward)
                 self._handles.append(_ForwardSwap(entry.module, partial(forward, idx)))
             self._row_param = self._row_param_entries() if self.bookkeeping else set()
             for idx in sorted(self._row_param):
@@ -230,13 +233,30 @@ class EntanglementMonitor:
                 stock = "forward" not in vars(module)  # the reducer claims transformers' own Conv1D class only
             elif e.kind == "embedding":
                 stock = bookkeepable(module)
+            elif e.kind == "experts":
+                stock = X.bookkeepable(module)
             else:
                 continue
             trainable = {a for a, p in module._parameters.items() if p is not None and p.requires_grad}
-            if stock and "weight" in e.tracked and set(e.tracked) == trainable \
+            if stock and ("weight" in e.tracked or e.kind == "experts") and set(e.tracked) == trainable \
                     and len(self.coverage.units[self.coverage.unit_of[idx]]) == 1:
                 out.add(idx)
         return out
+
+    def _form(self, idx: int):
+        """The gradient former(s) a book-kept entry's swapped forward hands to its autograd function."""
+        kind = self.coverage.entries[idx].kind
+        if kind == "embedding":
+            return partial(self._bookkeep_embedding, idx)
+        if kind == "experts":
+            return partial(self._bookkeep_experts, idx, 0), partial(self._bookkeep_experts, idx, 1)
+        return partial(self._bookkeep, idx)
+
+    def _check_rows_of(self, idx: int) -> None:
+        """Check entry ``idx``'s per-row gradients (generic path) against the gradient autograd gives them."""
+        e = self.coverage.entries[idx]
+        self._row_checked.update(id(getattr(e.module, a)) for a in e.tracked
+                                 if id(getattr(e.module, a)) not in self.coverage.shared)
 
     def _bookkept_forward(self, idx: int, module: nn.Module, x: Tensor) -> Tensor:
         if self._replaying or not torch.is_grad_enabled():
@@ -272,6 +292,56 @@ class EntanglementMonitor:
         out = BookkeptEmbedding.apply(ids, module.weight, module.padding_idx, self._forms[idx])
         self._note_call(idx, module, out)
         return out
+
+    def _bookkept_experts(self, idx: int, module: nn.Module, *args, **kwargs) -> Tensor:
+        """The swapped forward of a book-kept experts module: the step's flattened ``[R * T, d]`` hidden states go
+        through :func:`~entangle_fast.monitor.kinds.experts.experts_forward` (checked once against the module's own
+        forward); any other call, or a module that fails the check, is captured as a forward hook would capture it."""
+        own = partial(type(module).forward, module)
+        if self._replaying or not torch.is_grad_enabled():
+            return own(*args, **kwargs)
+        call = args if len(args) == 3 and not kwargs else None
+        rows, width = self._rows_hint, self._width_hint
+        if call is not None and not X.refused(module) and all(isinstance(t, Tensor) for t in call) \
+                and call[0].ndim == 2 and rows and call[0].shape[0] == rows * width:
+            out = X.experts_forward(module, *call, self._forms[idx], rows, width)
+            if X.verify(module, out, *call):
+                self._note_call(idx, module, out)
+                return out
+        if idx in self._bookkept:  # the generic path from now on (checked like it)
+            self._bookkept.discard(idx)
+            self._check_rows_of(idx)
+        out = own(*args, **kwargs)
+        replaced = self._on_forward(idx, module, args, kwargs, out)
+        return out if replaced is None else replaced
+
+    def _bookkeep_experts(self, idx: int, which: int, x: Tensor, gamma: Tensor, routing, dtype: torch.dtype):
+        """Backward of a book-kept experts projection (``which``: 0 up, 1 down): every expert's weight and bias
+        gradients and the parameter's per-pair terms."""
+        entry = self.coverage.entries[idx]
+        module = entry.module
+        w_name, b_name = X.projections(module)[which]
+        weight = getattr(module, w_name)
+        bias = b_name is not None and b_name in entry.tracked
+        self._backward_seen = True
+        self._done_units.add(self.coverage.unit_of[idx])
+        try:
+            with torch.no_grad(), self._no_autocast():
+                grad_w, grad_b, terms = X.bookkeep_experts(x, gamma, routing, weight.shape,
+                                                           self._plan(self._rows_hint).pairs,
+                                                           transposed=module.is_transposed, bias=bias, dtype=dtype)
+            self._store(entry.name, terms)
+            return grad_w, grad_b
+        except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem
+            self._fail(f"module {entry.name!r}: {err}", err)
+            grad_w = torch.zeros(weight.shape, dtype=dtype, device=gamma.device)
+            grad_b = torch.zeros(weight.shape[0], gamma.shape[1], dtype=dtype, device=gamma.device) if bias else None
+            for e, s, t in routing.segments:
+                g = gamma[s:t].T @ x[s:t]
+                grad_w[e] = g.T if module.is_transposed else g
+                if bias:
+                    grad_b[e] = gamma[s:t].sum(0)
+            return grad_w, grad_b
 
     def _bookkeep_embedding(self, idx: int, ids: Tensor, gamma: Tensor, dtype: torch.dtype) -> Tensor:
         """Backward of a book-kept embedding: its weight gradient and its per-pair terms, from the same sparse rows."""

@@ -6,7 +6,8 @@
 | ``conv1d`` | transformers' ``Conv1D`` (GPT-2) | as linear | as linear |
 | ``embedding`` | ``nn.Embedding`` and subclasses (scaled, offset positions): the ``F.embedding`` call inside | sparse per-row | O(T d) |
 | ``positionwise`` | norms, per-head q/k norms, ``register_positionwise`` classes | per-item vjp | the module's backward |
-| ``rowwise`` | anything else that acts row by row: MoE experts and routers, unknown layers | per-row replay + vjp | the module's forward + backward |
+| ``experts`` | transformers' MoE ``*Experts`` (3-D expert weights) | book-kept per expert, else per-row replay | one pass per expert over its tokens |
+| ``rowwise`` | anything else that acts row by row: MoE routers, unknown layers | per-row replay + vjp | the module's forward + backward |
 
 The output head, when the fused log-prob op computes it, takes the op's own statistics instead of its kind's
 (:mod:`entangle_fast.token_stats`). :func:`register` adds a kind ahead of the generic ``rowwise`` path.
@@ -17,12 +18,14 @@ from torch import nn
 
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use
 from entangle_fast.monitor.kinds.embedding import EmbeddingReducer
+from entangle_fast.monitor.kinds.experts import ExpertsReducer
 from entangle_fast.monitor.kinds.linear import Conv1DReducer, LinearReducer
 from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer, register_positionwise
 from entangle_fast.monitor.kinds.rowwise import ROW_MIXING, RowwiseReducer
 
 ROWWISE = RowwiseReducer()
-REGISTRY: list[Reducer] = [LinearReducer(), Conv1DReducer(), EmbeddingReducer(), PositionwiseReducer(), ROWWISE]
+REGISTRY: list[Reducer] = [LinearReducer(), Conv1DReducer(), EmbeddingReducer(), PositionwiseReducer(), ExpertsReducer(),
+                           ROWWISE]
 
 
 def register(reducer: Reducer) -> Reducer:
