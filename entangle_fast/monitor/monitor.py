@@ -44,6 +44,15 @@ def _in_backward() -> bool:
 _FLAGS: dict = {}
 
 
+def _nan(dtype, device) -> Tensor:
+    """A NaN scalar tensor of ``dtype`` on ``device``, made once."""
+    key = ("nan", dtype, device)
+    out = _FLAGS.get(key)
+    if out is None:
+        out = _FLAGS[key] = torch.tensor(float("nan"), dtype=dtype, device=device)
+    return out
+
+
 def _flags(values: tuple, device) -> Tensor:
     """``torch.tensor(values)`` on ``device``, made once per distinct tuple (the same at every step)."""
     key = (values, device)
@@ -56,17 +65,22 @@ def _flags(values: tuple, device) -> Tensor:
 
 
 class _ForwardSwap:
-    """Replace a module's forward by an instance attribute for the duration; ``remove()`` restores it."""
+    """Replace a module's forward by an instance attribute for the duration; ``remove()`` restores it. ``forward``
+    is called with the call's arguments. The attribute is set in the instance's ``__dict__``, as ``nn.Module`` sets
+    a plain attribute, without its ``__setattr__`` (swaps are made at every monitored step)."""
+
+    __slots__ = ("attrs", "old")
 
     def __init__(self, module: nn.Module, forward):
-        self.module, self.old = module, vars(module).get("forward")
-        module.forward = partial(forward, module)
+        self.attrs = vars(module)
+        self.old = self.attrs.get("forward")
+        self.attrs["forward"] = forward
 
     def remove(self) -> None:
         if self.old is not None:
-            self.module.forward = self.old
+            self.attrs["forward"] = self.old
         else:
-            vars(self.module).pop("forward", None)
+            self.attrs.pop("forward", None)
 
 
 class EntanglementMonitor:
@@ -155,6 +169,7 @@ class EntanglementMonitor:
             if e.kind == "rowwise" or (e.kind == "experts" and idx not in self._bookkept):
                 self._check_rows_of(idx)
         self._handles: list = []
+        self._swaps: dict = {}
         self._active = False
         # The default pairs and their book-keeping plan, kept across steps of one batch size.
         self._default_pairs = self._checked_pairs = None
@@ -172,15 +187,12 @@ class EntanglementMonitor:
         self._reset()
         try:
             for idx in sorted(self._bookkept):
-                entry = self.coverage.entries[idx]
-                forward = {"embedding": self._bookkept_lookup, "experts": self._bookkept_experts}.get(
-                    entry.kind, self._bookkept_forward)
-                self._handles.append(_ForwardSwap(entry.module, partial(forward, idx)))
+                module = self.coverage.entries[idx].module
+                self._handles.append(_ForwardSwap(module, self._swapped_forward(idx, module)))
             self._row_param = self._row_param_entries() if self.bookkeeping else set()
             for idx in sorted(self._row_param):
                 module = self.coverage.entries[idx].module
-                forward = vars(module).get("forward") or partial(type(module).forward, module)
-                self._handles.append(_ForwardSwap(module, partial(self._row_param_forward, idx, forward)))
+                self._handles.append(_ForwardSwap(module, self._row_param_swap(idx, module)))
             swapped = self._bookkept | self._row_param  # their swapped forwards note their calls themselves
             for idx, entry in enumerate(self.coverage.entries):
                 if idx in swapped:
@@ -242,6 +254,26 @@ class EntanglementMonitor:
                     and len(self.coverage.units[self.coverage.unit_of[idx]]) == 1:
                 out.add(idx)
         return out
+
+    def _swapped_forward(self, idx: int, module: nn.Module):
+        """The forward a book-kept entry runs inside the with-block, made once per entry."""
+        key = ("bookkept", idx)
+        forward = self._swaps.get(key)
+        if forward is None:
+            method = {"embedding": self._bookkept_lookup, "experts": self._bookkept_experts}.get(
+                self.coverage.entries[idx].kind, self._bookkept_forward)
+            forward = self._swaps[key] = partial(method, idx, module)
+        return forward
+
+    def _row_param_swap(self, idx: int, module: nn.Module):
+        """The forward a position-wise entry on per-row views runs inside the with-block, around the forward the
+        module has now (made once per entry and forward)."""
+        own = vars(module).get("forward")
+        cached = self._swaps.get(("row_param", idx))
+        if cached is None or cached[0] is not own:
+            inner = own if own is not None else partial(type(module).forward, module)
+            cached = self._swaps[("row_param", idx)] = (own, partial(self._row_param_forward, idx, inner, module))
+        return cached[1]
 
     def _form(self, idx: int):
         """The gradient former(s) a book-kept entry's swapped forward hands to its autograd function."""
@@ -928,19 +960,19 @@ class EntanglementMonitor:
                           stacklevel=3)
         # Every module's three terms at once: [M, 3, B], divided by a_w a_l, a_w^2, a_l^2 where in loss units.
         den = torch.stack([a_w * a_l, a_w * a_w, a_l * a_l])
-        nan = torch.tensor(float("nan"), dtype=a_w.dtype, device=a_w.device)
+        nan = _nan(a_w.dtype, a_w.device)
         names = list(self._results)
         if names:
             stacks = [t.as_stack() for t in self._results.values()]
             raw = torch.stack([t if t.dtype == a_w.dtype else t.to(a_w.dtype) for t in stacks])
             in_loss = _flags(tuple(not t.logprob_units for t in self._results.values()), a_w.device)
             terms = torch.where(den != 0, torch.where(in_loss[:, None, None], raw / den, raw), nan)
-            totals = terms.sum(0)
+            totals = terms.sum(0)  # NaN where den is 0, as each module's terms
         else:
-            terms, totals = None, torch.zeros(3, b, dtype=a_w.dtype, device=a_w.device)
+            terms, totals = None, torch.where(den != 0, 0, nan)
         # name -> (inner, chosen, rejected) [B] views: three unbinds of [3, M, B] rather than one per module
         per_module = dict(zip(names, zip(*(t.unbind(0) for t in terms.transpose(0, 1).unbind(0))))) if names else {}
-        inner, nw, nl = torch.where(den != 0, totals, nan).unbind(0)
+        inner, nw, nl = totals.unbind(0)
         den = dict(zip(("inner", "chosen", "rejected"), den.unbind(0)))
         case, falls, rises = classify(inner, nw, nl, a_w, a_l)
         attribution = None

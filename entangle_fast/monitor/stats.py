@@ -121,9 +121,13 @@ class EntanglementStats:
 
 def classify(inner: Tensor, nw: Tensor, nl: Tensor, a_w: Tensor, a_l: Tensor):
     """``(case, chosen_falls, rejected_rises)`` from the first-order SGD changes of docs/math.md section 2."""
-    chosen_falls = (a_w * nw + a_l * inner) > 0
-    rejected_rises = (a_w * inner + a_l * nl) < 0
-    defined = (a_w != 0) & (a_l != 0) & torch.isfinite(torch.stack([inner, nw, nl])).all(0)
+    # [[N_w, inner], [inner, N_l]] times (a_w, a_l): the first-order changes' signs, a_w N_w + a_l inner (chosen) and
+    # a_w inner + a_l N_l (rejected), in one product.
+    grams = torch.stack([nw, inner, inner, nl])
+    coefs = torch.stack([a_w, a_l])
+    chosen, rejected = (grams.view(2, 2, -1) * coefs).sum(1).unbind(0)
+    chosen_falls, rejected_rises = chosen > 0, rejected < 0
+    defined = (coefs != 0).all(0) & torch.isfinite(grams).all(0)
     # ideal 1 (neither), both fall 2 (chosen falls only), both rise 3 (rejected rises only); both at once: 0.
     case = torch.where(chosen_falls, torch.where(rejected_rises, 0, 2), torch.where(rejected_rises, 3, 1))
     case = torch.where(defined, case, 0)
