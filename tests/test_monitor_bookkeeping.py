@@ -261,13 +261,17 @@ def _moe(arch: str):
     return tiny_arch(arch)
 
 
+@pytest.mark.parametrize("at_once", [True, False], ids=["all_experts_at_once", "expert_by_expert"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-def test_bookkept_experts(arch, monkeypatch):
-    """transformers' experts modules (3-D expert weights) form their weight and bias gradients in the monitor, expert
-    by expert, with the statistics from the same pass: ``.grad`` equal to the unmonitored step's to float64 rounding,
-    statistics equal to the per-row replay's (``bookkeeping=False``)."""
+def test_bookkept_experts(arch, at_once, monkeypatch):
+    """transformers' experts modules (3-D expert weights) form their weight and bias gradients in the monitor, with
+    the statistics from the same pass (every expert at once for small parameters, else expert by expert over ragged
+    rows): ``.grad`` equal to the unmonitored step's to float64 rounding, statistics equal to the per-row replay's
+    (``bookkeeping=False``)."""
     from entangle_fast.monitor.kinds import experts as X
 
+    if not at_once:
+        monkeypatch.setattr(X, "ALL_AT_ONCE", 0)
     model = _moe(arch)
     batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
     _step(model, batch)

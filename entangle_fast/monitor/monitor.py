@@ -21,6 +21,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from entangle_fast._backend import resolve_impl
 from entangle_fast.data import default_pairs
 from entangle_fast.monitor import factors as F
 from entangle_fast.monitor import reductions as R
@@ -359,9 +360,9 @@ class EntanglementMonitor:
         self._done_units.add(self.coverage.unit_of[idx])
         try:
             with torch.no_grad(), self._no_autocast():
-                grad_w, grad_b, terms = X.bookkeep_experts(x, gamma, routing, weight.shape,
-                                                           self._plan(self._rows_hint).pairs,
-                                                           transposed=module.is_transposed, bias=bias, dtype=dtype)
+                grad_w, grad_b, terms = X.bookkeep_experts(
+                    x, gamma, routing, weight.shape, self._plan(self._rows_hint), transposed=module.is_transposed,
+                    bias=bias, dtype=dtype, backend=resolve_impl("auto", gamma.device, gamma.dtype))
             self._store(entry.name, terms)
             return grad_w, grad_b
         except Exception as err:  # the step goes on with plainly formed gradients; stats reports the problem

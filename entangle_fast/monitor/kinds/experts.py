@@ -80,7 +80,9 @@ class Routing:
 
     ``order [S]``: the slots (token, choice) sorted by expert, S = N k; ``token [S]``: each sorted slot's token;
     ``segments``: ``(expert, start, end)`` of the experts that received tokens; ``cu [E, R + 1]`` (host int64): per
-    expert, the offsets of its tokens row by row (its tokens are in row order, the sort being stable).
+    expert, the offsets of its tokens row by row (its tokens are in row order, the sort being stable); ``slot [S]``:
+    each sorted slot's place in a ``[E, R, width_max]`` layout (expert, row, position among that row's tokens routed
+    to that expert), ``width_max`` the most tokens of one row routed to one expert.
     """
 
     def __init__(self, top_k_index: Tensor, num_experts: int, rows: int, width: int):
@@ -88,13 +90,17 @@ class Routing:
         expert = top_k_index.reshape(-1)
         self.order = torch.argsort(expert, stable=True)
         self.token = torch.div(self.order, k, rounding_mode="floor")
-        counts = torch.bincount(expert[self.order] * rows + torch.div(self.token, width, rounding_mode="floor"),
-                                minlength=num_experts * rows).reshape(num_experts, rows).cpu()
+        key = expert[self.order] * rows + torch.div(self.token, width, rounding_mode="floor")  # nondecreasing
+        counts = torch.bincount(key, minlength=num_experts * rows)
+        host = counts.reshape(num_experts, rows).cpu()
+        self.rows, self.width_max = rows, int(host.max()) if host.numel() else 0
         self.cu = torch.zeros(num_experts, rows + 1, dtype=torch.int64)
-        self.cu[:, 1:] = counts.cumsum(1)
-        ends = counts.sum(1).cumsum(0).tolist()
+        self.cu[:, 1:] = host.cumsum(1)
+        ends = host.sum(1).cumsum(0).tolist()
         starts = [0] + ends[:-1]
         self.segments = [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+        first = torch.cumsum(counts, 0) - counts
+        self.slot = key * self.width_max + torch.arange(key.shape[0], device=key.device) - first[key]
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None, segments, transposed: bool) -> Tensor:
@@ -174,12 +180,29 @@ def verify(module: nn.Module, output: Tensor, hidden: Tensor, top_k_index: Tenso
     return verdict
 
 
-def bookkeep_experts(x: Tensor, gamma: Tensor, routing: Routing, weight_shape, pairs: Tensor, *, transposed: bool,
-                     bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, R.Terms]:
-    """Every expert's weight (and bias) gradient of one projection and the parameter's per-pair terms, one pass per
-    expert over its tokens packed row by row: ``(grad_weight [E, ...] in the parameter's layout, grad_bias [E, d_out]
-    | None, Terms)``, gradients in ``dtype``, terms in loss units."""
+# Per-row gradients of a whole expert parameter formed at once, in elements (R x the parameter), on the PyTorch path;
+# above it, one pass per expert.
+ALL_AT_ONCE = 1 << 22
+
+
+def bookkeep_experts(x: Tensor, gamma: Tensor, routing: Routing, weight_shape, plan, *, transposed: bool,
+                     bias: bool, dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor | None, R.Terms]:
+    """Every expert's weight (and bias) gradient of one projection and the parameter's per-pair terms:
+    ``(grad_weight [E, ...] in the parameter's layout, grad_bias [E, d_out] | None, Terms)``, gradients in ``dtype``,
+    terms in loss units. ``plan``: the step's :class:`~entangle_fast.bookkeeping.PairPlan`.
+
+    On the PyTorch path, for the default pair layout and parameters up to :data:`ALL_AT_ONCE` per-row elements, every
+    expert at once: the tokens scattered into ``[E * R, width_max, d]`` blocks, one batched product for every
+    (expert, row) gradient, and each pair's terms from the rows' whole-parameter gradients. Otherwise one pass per
+    expert over its tokens packed row by row (:func:`entangle_fast.bookkeeping.pair_weight_grad`, ragged rows).
+    """
     from entangle_fast.bookkeeping import pair_weight_grad
+
+    n_experts, rows = weight_shape[0], routing.rows
+    d_in, d_out = x.shape[1], gamma.shape[1]
+    if backend == "torch" and plan.ordered and rows * n_experts * d_in * d_out <= ALL_AT_ONCE:
+        return _all_experts(x, gamma, routing, n_experts, transposed=transposed, bias=bias, dtype=dtype)
+    pairs = plan.pairs
 
     grad_w = torch.zeros(weight_shape, dtype=dtype, device=gamma.device)
     grad_b = torch.zeros(weight_shape[0], gamma.shape[1], dtype=dtype, device=gamma.device) if bias else None
@@ -197,3 +220,29 @@ def bookkeep_experts(x: Tensor, gamma: Tensor, routing: Routing, weight_shape, p
         cdt = R.compute_dtype(x.dtype)
         stats = torch.zeros(3, pairs.shape[0], dtype=cdt, device=gamma.device)
     return grad_w, grad_b, R.Terms.of(stats)
+
+
+def _all_experts(x: Tensor, gamma: Tensor, routing: Routing, n_experts: int, *, transposed: bool, bias: bool,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor | None, R.Terms]:
+    from entangle_fast._torch.pair_wgrad import pair_block_index, pair_blocks
+
+    cdt = R.compute_dtype(x.dtype)
+    rows, width, blocks = routing.rows, routing.width_max, n_experts * routing.rows
+    d_in, d_out = x.shape[1], gamma.shape[1]
+    a = torch.zeros(blocks * width, d_in, dtype=cdt, device=x.device).index_copy_(0, routing.slot, x.to(cdt))
+    g = torch.zeros(blocks * width, d_out, dtype=cdt, device=x.device).index_copy_(0, routing.slot, gamma.to(cdt))
+    g = g.view(n_experts, rows, width, d_out)
+    per_row = torch.bmm(g.view(blocks, width, d_out).transpose(1, 2), a.view(blocks, width, d_in))
+    per_row = per_row.view(n_experts, rows, d_out, d_in)
+    grad_w = per_row.sum(1)  # every row once: the default layout
+    b = rows // 2
+    # Row r's gradient of the whole parameter: its [d_out, d_in] block of every expert.
+    gram = pair_blocks(per_row.transpose(0, 1).reshape(rows, -1), b)
+    grad_b = None
+    if bias:
+        sums = g.sum(2)  # [E, R, d_out]
+        pair_blocks(sums.transpose(0, 1).reshape(rows, -1), b, gram)
+        grad_b = sums.sum(1).to(dtype)
+    stats = torch.take(gram, pair_block_index(b, gram.device)).view(3, -1)
+    grad_w = grad_w.transpose(1, 2) if transposed else grad_w
+    return grad_w.to(dtype), grad_b, R.Terms.of(stats)
