@@ -344,3 +344,76 @@ def test_experts_that_compute_otherwise_take_the_generic_path(monkeypatch):
             assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-8, name=f"step {step} {key}")
         for name, g in plain.items():
             assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")
+
+
+class _OneLinearCall(torch.nn.Module):
+    """A generic module (no kind of its own) whose parameters enter through one F.linear call: book-kept."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.3 * torch.randn(d, d, dtype=torch.float64))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])  # flattened rows, as MoE routers take them
+        return torch.tanh(torch.nn.functional.linear(flat, self.weight, self.bias)).view_as(x), self.weight.shape
+
+
+class _TwoUses(_OneLinearCall):
+    """One F.linear call, and the weight used again through a property that carries its gradient: refused."""
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return y + 0.1 * x * self.weight.T.diagonal()
+
+
+class _Generic(torch.nn.Module):
+    def __init__(self, vocab, d):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d, dtype=torch.float64)
+        self.one, self.two = _OneLinearCall(d), _TwoUses(d)
+        self.head = torch.nn.Linear(d, vocab, dtype=torch.float64)
+
+    def forward(self, ids):
+        return self.head(self.two(self.one(self.tok(ids))[0]))
+
+
+def test_linear_calls_of_generic_modules():
+    """A generic module whose weight and bias enter only through one F.linear call (MoE routers) is book-kept through
+    that call; one that also uses its weight otherwise is found on its first call and keeps the per-row replay.
+    Statistics exact, .grad equal to the unmonitored step's to float64 rounding, on two steps."""
+    from entangle_fast.monitor.kinds import rowwise as RW
+    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
+
+    torch.manual_seed(0)
+    vocab, d = 11, 6
+    model = _Generic(vocab, d)
+    ids = torch.randint(0, vocab, (6, 5))
+
+    def logps():
+        lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
+        return lp[:3], lp[3:]
+
+    params = list(model.parameters())
+    ref = entanglement_reference(*flat_gradients_reference(torch.cat(logps()), params).split(3))
+    model.zero_grad(set_to_none=True)
+    chosen, rejected = logps()
+    (chosen * COEF - rejected).sum().backward()
+    plain = _grads(model)
+
+    mon = EntanglementMonitor(model)
+    kinds = {e.name: e.kind for e in mon.coverage.entries}
+    assert kinds["one"] == kinds["two"] == "rowwise"
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        with mon:
+            chosen, rejected = logps()
+            mon.watch(chosen, rejected)
+            (chosen * COEF - rejected).sum().backward()
+        bookkept = {mon.coverage.entries[i].name for i in mon._bookkept}
+        assert "one" in bookkept and "two" not in bookkept, f"step {step}: {sorted(bookkept)}"
+        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+            assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-10, name=f"step {step} {key}")
+        for name, g in plain.items():
+            assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")
+    assert RW._LINEAR_CALLS.get(model.one) is True and RW._LINEAR_CALLS.get(model.two) is False

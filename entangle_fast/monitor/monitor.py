@@ -32,6 +32,7 @@ from entangle_fast.monitor.kinds import experts as X
 from entangle_fast.monitor.kinds.embedding import BookkeptEmbedding, bookkeepable
 from entangle_fast.monitor.kinds.linear import BookkeptLinear, bookkeep
 from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer, row_param_forward
+from entangle_fast.monitor.kinds.rowwise import LinearCalls, linear_call_candidate, linear_calls_refused
 from entangle_fast.monitor.preflight import check_model, dropout_modules, warn_if_dropout
 from entangle_fast.monitor.stats import EntanglementStats, classify
 from entangle_fast.sketch import SketchCache
@@ -115,7 +116,8 @@ class EntanglementMonitor:
         exclude: parameters, modules or their names to leave out of the statistics (the explicit opt-out for
             parameters the monitor cannot cover exactly).
         position_attribution: also return ``stats.position_attribution`` ``[B, T, T]`` (exact mode only).
-        bookkeeping: linear layers, Conv1D and embeddings form their own weight gradients in the monitor, pair by
+        bookkeeping: linear layers, Conv1D, embeddings and MoE expert weights form their own weight gradients in
+            the monitor, pair by
             pair, with the statistics from the same partial sums (docs/math.md section 4.2), and autograd does not
             form them a second time: monitoring then costs about what those weight gradients cost (norms, checked
             once to take per-row parameters, get their per-row gradients from the step's backward through per-row
@@ -167,7 +169,7 @@ class EntanglementMonitor:
         # sums several uses, so only parameters of one module are checked).
         self._row_checked: set[int] = set()
         for idx, e in enumerate(self.coverage.entries):
-            if e.kind == "rowwise" or (e.kind == "experts" and idx not in self._bookkept):
+            if e.kind in ("rowwise", "experts") and idx not in self._bookkept:
                 self._check_rows_of(idx)
         self._handles: list = []
         self._swaps: dict = {}
@@ -193,7 +195,7 @@ class EntanglementMonitor:
             self._row_param = self._row_param_entries() if self.bookkeeping else set()
             for idx in sorted(self._row_param):
                 module = self.coverage.entries[idx].module
-                self._handles.append(_ForwardSwap(module, self._row_param_swap(idx, module)))
+                self._handles.append(_ForwardSwap(module, self._around_own(idx, module, self._row_param_forward)))
             swapped = self._bookkept | self._row_param  # their swapped forwards note their calls themselves
             for idx, entry in enumerate(self.coverage.entries):
                 if idx in swapped:
@@ -248,6 +250,8 @@ class EntanglementMonitor:
                 stock = bookkeepable(module)
             elif e.kind == "experts":
                 stock = X.bookkeepable(module)
+            elif e.kind == "rowwise":
+                stock = linear_call_candidate(module)
             else:
                 continue
             trainable = {a for a, p in module._parameters.items() if p is not None and p.requires_grad}
@@ -261,19 +265,24 @@ class EntanglementMonitor:
         key = ("bookkept", idx)
         forward = self._swaps.get(key)
         if forward is None:
+            kind = self.coverage.entries[idx].kind
+            if kind == "rowwise":  # around the forward the module has now
+                return self._around_own(idx, module, self._bookkept_linear_calls)
             method = {"embedding": self._bookkept_lookup, "experts": self._bookkept_experts}.get(
-                self.coverage.entries[idx].kind, self._bookkept_forward)
+                kind, self._bookkept_forward)
             forward = self._swaps[key] = partial(method, idx, module)
         return forward
 
-    def _row_param_swap(self, idx: int, module: nn.Module):
-        """The forward a position-wise entry on per-row views runs inside the with-block, around the forward the
-        module has now (made once per entry and forward)."""
+    def _around_own(self, idx: int, module: nn.Module, method):
+        """``method(idx, forward, module, *args, **kwargs)`` bound to the forward the module has now (its instance
+        forward, else its class's): what a position-wise entry on per-row views, or a generic entry book-kept through
+        its linear call, runs inside the with-block (made once per entry and forward)."""
         own = vars(module).get("forward")
-        cached = self._swaps.get(("row_param", idx))
+        key = (method.__name__, idx)
+        cached = self._swaps.get(key)
         if cached is None or cached[0] is not own:
             inner = own if own is not None else partial(type(module).forward, module)
-            cached = self._swaps[("row_param", idx)] = (own, partial(self._row_param_forward, idx, inner, module))
+            cached = self._swaps[key] = (own, partial(method, idx, inner, module))
         return cached[1]
 
     def _form(self, idx: int):
@@ -294,8 +303,14 @@ class EntanglementMonitor:
     def _bookkept_forward(self, idx: int, module: nn.Module, x: Tensor) -> Tensor:
         if self._replaying or not torch.is_grad_enabled():
             return type(module).forward(module, x)
+        out = self._bookkept_linear(idx, x, module.weight, module.bias)
+        self._note_call(idx, module, out)
+        return out
+
+    def _bookkept_linear(self, idx: int, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Entry ``idx``'s linear map of ``x`` through :class:`~entangle_fast.monitor.kinds.linear.BookkeptLinear`."""
         transpose = self.coverage.entries[idx].kind == "conv1d"
-        weight, bias, device = module.weight, module.bias, x.device.type
+        device = x.device.type
         form = self._forms[idx]
         if torch.is_autocast_enabled(device):
             # What autocast does for a linear map: inputs cast to its dtype (the casts stay in the graph and carry the
@@ -304,11 +319,32 @@ class EntanglementMonitor:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(device, enabled=False):
-                out = BookkeptLinear.apply(x, weight, bias, form, transpose)
-        else:
-            out = BookkeptLinear.apply(x, weight, bias, form, transpose)
-        self._note_call(idx, module, out)
-        return out
+                return BookkeptLinear.apply(x, weight, bias, form, transpose)
+        return BookkeptLinear.apply(x, weight, bias, form, transpose)
+
+    def _bookkept_linear_calls(self, idx: int, own, module: nn.Module, *args, **kwargs):
+        """The swapped forward of a generic module book-kept through its one ``F.linear`` call
+        (:class:`~entangle_fast.monitor.kinds.rowwise.LinearCalls`: MoE routers). A call whose input does not split
+        into the step's rows, or a module found to use its parameters otherwise, is captured as a forward hook would
+        capture it (the generic per-row path, from then on for such a module)."""
+        if self._replaying or not torch.is_grad_enabled():
+            return own(*args, **kwargs)
+        x = args[0] if args else None
+        rows, width = self._rows_hint, self._width_hint
+        if not linear_calls_refused(module) and isinstance(x, Tensor) and x.ndim >= 2 and rows \
+                and x.shape[0] in (rows, rows * width):
+            mode = LinearCalls(module, partial(self._bookkept_linear, idx))
+            with mode:
+                out = own(*args, **kwargs)
+            if mode.qualifies(module):
+                self._note_call(idx, module, out)
+                return out
+        if idx in self._bookkept:  # the generic path from now on (checked like it)
+            self._bookkept.discard(idx)
+            self._check_rows_of(idx)
+        out = own(*args, **kwargs)
+        replaced = self._on_forward(idx, module, args, kwargs, out)
+        return out if replaced is None else replaced
 
     def _bookkept_lookup(self, idx: int, module: nn.Module, ids, *args, **kwargs) -> Tensor:
         """The swapped forward of a book-kept ``nn.Embedding``: ids ``[R, T]`` of the step's rows go through
@@ -402,7 +438,10 @@ class EntanglementMonitor:
         """A call of a module whose swapped forward forms its terms from the step's own backward (book-kept, per-row
         parameter views): counted, and its parameters marked as seen; what :meth:`_on_forward` does for the others,
         which have a forward hook instead. A recomputation under activation checkpointing is not a new call."""
-        if not isinstance(output, Tensor) or not output.requires_grad or (_in_backward() and idx in self._captured):
+        if not isinstance(output, Tensor):  # several outputs (a router's logits, weights, indices): any with a gradient
+            output = next((t for t in (output if isinstance(output, (tuple, list)) else ())
+                           if isinstance(t, Tensor) and t.requires_grad), None)
+        if output is None or not output.requires_grad or (_in_backward() and idx in self._captured):
             return
         entry = self.coverage.entries[idx]
         self._captured.add(idx)

@@ -14,12 +14,22 @@ gradient to the router, which has its own replay. Cost: one forward and one back
 by row, plus two parameter-sized vectors per pair alive at a time; an unknown layer costs time, not correctness.
 
 Modules that mix rows (batch statistics: ``nn.BatchNorm*``, ``SyncBatchNorm``) are refused at construction.
+
+Book-keeping (``EntanglementMonitor(bookkeeping=True)``) also reaches modules of this kind whose parameters are a
+``weight`` matrix and maybe a ``bias``, used by one ``F.linear(x, weight, bias)`` inside their forward and nowhere else
+(MoE routers: ``*TopKRouter``): :class:`LinearCalls` routes that call through the book-kept linear map while the
+module's forward runs, and counts every other use of the parameters. A module found to use them otherwise on its first
+monitored call keeps the per-row replay.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from entangle_fast.monitor import reductions as R
@@ -164,3 +174,68 @@ class RowwiseReducer(Reducer):
         flat = torch.cat([(blocks.get(a) if blocks.get(a) is not None else torch.zeros_like(p)).reshape(-1)
                           for a, p in kept.params.items()])
         return kept.row_grads.to(dtype) @ flat.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Book-keeping a linear call inside a module's forward (MoE routers)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_LINEAR_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its forward was found to qualify
+
+
+def linear_call_candidate(module: nn.Module) -> bool:
+    """Whether ``module`` may be book-kept through :class:`LinearCalls`: its parameters are a 2-D ``weight`` and maybe
+    a 1-D ``bias``, and it was not found to use them otherwise on an earlier call."""
+    params = {a: p for a, p in module._parameters.items() if p is not None}
+    weight, bias = params.get("weight"), params.get("bias")
+    return (isinstance(weight, nn.Parameter) and weight.ndim == 2 and set(params) <= {"weight", "bias"}
+            and (bias is None or bias.ndim == 1) and _LINEAR_CALLS.get(module) is not False)
+
+
+def linear_calls_refused(module: nn.Module) -> bool:
+    return _LINEAR_CALLS.get(module) is False
+
+
+class LinearCalls(TorchFunctionMode):
+    """While one module's forward runs: its ``F.linear(x, weight, bias)`` calls on its own parameters go through
+    ``apply(x, weight, bias)``; ``linear`` counts them and ``other`` counts every other call that takes a parameter
+    (or a property of one that carries its gradient, such as ``weight.T``). :meth:`qualifies` is the verdict of the
+    call, remembered per module."""
+
+    def __init__(self, module: nn.Module, apply):
+        super().__init__()
+        self.weight, self.bias = module._parameters["weight"], module._parameters.get("bias")
+        self.apply = apply
+        self.ids = {id(self.weight)} | ({id(self.bias)} if self.bias is not None else set())
+        self.linear = self.other = 0
+
+    def _takes_param(self, values) -> bool:
+        for v in values:
+            if isinstance(v, (list, tuple)):
+                if any(id(u) in self.ids for u in v):
+                    return True
+            elif id(v) in self.ids:
+                return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            bound = dict(zip(("input", "weight", "bias"), args))
+            bound.update(kwargs)
+            if bound.get("weight") is self.weight and bound.get("bias") is self.bias:
+                self.linear += 1
+                return self.apply(bound["input"], self.weight, self.bias)
+        out = func(*args, **kwargs)
+        if self._takes_param(args) or self._takes_param(kwargs.values()):
+            getter = getattr(func, "__name__", "") == "__get__"
+            # A property read (shape, dtype, .data) is no use; one that returns the parameter's gradient path is.
+            if not getter or (isinstance(out, Tensor) and out.requires_grad):
+                self.other += 1
+        return out
+
+    def qualifies(self, module: nn.Module) -> bool:
+        verdict = self.linear == 1 and self.other == 0
+        if _LINEAR_CALLS.get(module) is None or not verdict:
+            _LINEAR_CALLS[module] = verdict
+        return verdict
