@@ -207,5 +207,5 @@ def test_trainer_step(benchmark, case, tmp_path, record_property):
         _TAKEN[key] = _side_by_side(case.shape, benchmark, tmp_path, rounds)
     samples, timer_name, memory = _TAKEN[key][case.impl]
     Result(case.describe(), case.shape.device, samples, timer_name, memory,
-           extra={"steps_per_s": 1e3 / statistics.median(samples)}).record(benchmark if first else None,
+           extra={"steps_per_s": 1e3 / statistics.median(samples), "side_by_side": True}).record(benchmark if first else None,
                                                                           record_property)

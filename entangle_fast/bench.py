@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -266,9 +267,26 @@ def _side(expr: str, impls: dict, metric: str, pass_: str) -> float | None:
     return values[0] - sum(values[1:])
 
 
+def _paired(d: Ratio, impls: dict) -> float | None:
+    """The median over rounds of the per-round time ratio, where both implementations were timed side by side
+    (``side_by_side`` in their results: round i of each was taken in the same turn, one after the other), so that
+    the machine's drift between rounds cancels; None otherwise."""
+    if d.metric != "time" or " - " in d.numerator or " - " in d.denominator:
+        return None
+    a, b = impls.get(d.numerator), impls.get(d.denominator)
+    if not a or not b or not (a.get("side_by_side") and b.get("side_by_side")):
+        return None
+    sa, sb = a.get("samples_ms") or [], b.get("samples_ms") or []
+    if not sa or len(sa) != len(sb) or min(sb) <= 0:
+        return None
+    return statistics.median(x / y for x, y in zip(sa, sb))
+
+
 def compute_ratios(results: list[dict], ours_auto: str, declared: list[Ratio] | None = None) -> list[dict]:
     """Every declared ratio (:func:`suite_ratios` by default) at each (op, shape, pass) of one run where both sides
-    were measured and the denominator is positive; sorted by op, shape and pass, declaration order within."""
+    were measured and the denominator is positive; sorted by op, shape and pass, declaration order within. Time
+    ratios between implementations timed side by side are the median of their per-round ratios (:func:`_paired`),
+    others the ratio of the medians."""
     declared = suite_ratios() if declared is None else declared
     groups: dict[tuple, dict[str, dict]] = {}
     shapes: dict[tuple, dict[str, dict]] = {}
@@ -285,8 +303,9 @@ def compute_ratios(results: list[dict], ours_auto: str, declared: list[Ratio] | 
             targets = [(key, impls) for key, impls in sorted(groups.items())
                        if key[0] == d.kind and (d.passes is None or key[2] in d.passes)]
         for (kind, shape, pass_), impls in targets:
-            num = _side(d.numerator, impls, d.metric, pass_)
-            den = _side(d.denominator, impls, d.metric, pass_)
+            paired = _paired(d, impls)
+            num = _side(d.numerator, impls, d.metric, pass_) if paired is None else paired
+            den = _side(d.denominator, impls, d.metric, pass_) if paired is None else 1.0
             if num is None or den is None or not den > 0 or num / den != num / den:
                 continue
             headline = d.headline and not any(i.startswith("ours-") and i != ours_auto for i in d.impls())

@@ -58,3 +58,26 @@ def test_cli_writes_into_the_working_directory_by_default(tmp_path):
     run = json.loads(next(p for p in written if p.suffix == ".json").read_text())
     assert run["label"] == "smoke: not a measurement" and run["results"] == []
     assert (sorted(committed.iterdir()) if committed.is_dir() else []) == before
+
+
+def test_side_by_side_time_ratios_are_paired_by_round():
+    """Implementations timed side by side (round i of each in the same turn) report the median of the per-round time
+    ratios, which a machine slowing down during the run leaves alone; others the ratio of the medians."""
+    ratio = bench.Ratio("monitor", "exact", "off", "time", "exact / off step time", "lower")
+    memory = bench.Ratio("monitor", "exact", "off", "memory", "exact / off peak memory", "lower")
+
+    def result(impl, samples, side_by_side):
+        return {"kind": "monitor", "shape": "s", "pass": "step", "impl": impl, "samples_ms": samples,
+                "time_ms": sorted(samples)[len(samples) // 2], "peak_memory_bytes": 100 if impl == "off" else 120,
+                "side_by_side": side_by_side}
+
+    # The machine slows down 2x, 3x over the rounds; each round exact costs 1.1x off.
+    off, exact = [10.0, 20.0, 30.0], [11.0, 22.0, 33.0]
+    paired = bench.compute_ratios([result("off", off, True), result("exact", exact, True)], "ours-torch",
+                                  [ratio, memory])
+    assert abs(paired[0]["value"] - 1.1) < 1e-12, "the per-round ratio, whatever the drift"
+    assert abs(paired[1]["value"] - 1.2) < 1e-12, "memory ratios stay ratios of the measurements"
+    # Measured one after another: the ratio of the medians.
+    apart = bench.compute_ratios([result("off", off, False), result("exact", [33.0, 33.0, 33.0], False)],
+                                 "ours-torch", [ratio])
+    assert abs(apart[0]["value"] - 33.0 / 20.0) < 1e-12
