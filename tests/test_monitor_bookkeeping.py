@@ -417,3 +417,34 @@ def test_linear_calls_of_generic_modules():
         for name, g in plain.items():
             assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")
     assert RW._LINEAR_CALLS.get(model.one) is True and RW._LINEAR_CALLS.get(model.two) is False
+
+
+def test_bookkept_experts_and_routers_under_autocast():
+    """Under bf16 autocast the book-kept experts and routers take autocast's dtype in their products, and their
+    gradients are no further from the float64 gradient than the unmonitored autocast step's."""
+    import copy
+
+    from arch_models import _build
+    from helpers import assert_close_to_reference
+
+    model = _build("qwen3_moe", 0).float().eval()
+    batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
+    model64 = copy.deepcopy(model).double()
+    _step(model64, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _step(model, batch)
+    plain = _grads(model)
+    mon = EntanglementMonitor(model)
+    for _ in range(2):  # the second step runs every module on its checked path
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), mon:
+            _step(model, batch)
+    names = {mon.coverage.entries[i].name for i in mon._bookkept}
+    assert any(n.endswith("experts") for n in names) and any(n.endswith("mlp.gate") for n in names), sorted(names)
+    assert torch.isfinite(mon.stats.inner).all()
+    assert {t.as_stack().dtype for t in mon._results.values()} == {torch.float32}
+    params64 = dict(model64.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
+                                  margin=1e-3 * params64[name].grad.abs().max().item(), name=name)

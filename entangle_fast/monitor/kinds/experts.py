@@ -125,6 +125,13 @@ class BookkeptExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gamma):
+        if torch.is_autocast_enabled(gamma.device.type):
+            with torch.autocast(gamma.device.type, enabled=False):  # the inputs' dtype, as in the forward
+                return BookkeptExperts._backward(ctx, gamma)
+        return BookkeptExperts._backward(ctx, gamma)
+
+    @staticmethod
+    def _backward(ctx, gamma):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
