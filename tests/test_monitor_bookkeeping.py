@@ -448,3 +448,35 @@ def test_bookkept_experts_and_routers_under_autocast():
         assert p.grad.dtype == torch.float32
         assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
                                   margin=1e-3 * params64[name].grad.abs().max().item(), name=name)
+
+
+class _Reordered(_OneLinearCall):
+    """One F.linear call, on its input reordered position-major ([T, R, d] with T = R): not routed, so refused."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x.transpose(0, 1), self.weight, self.bias).transpose(0, 1), None
+
+
+def test_linear_calls_need_the_rows_in_order():
+    """A linear call on the module's input in another order (here [T, R, d] with T = R, which would split into rows
+    all the same) is not routed: the module keeps the per-row replay and the statistics stay exact."""
+    from entangle_fast.monitor.kinds import rowwise as RW
+    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
+
+    torch.manual_seed(0)
+    model = _Generic(11, 6)
+    model.one = _Reordered(6)
+    ids = torch.randint(0, 11, (6, 6))  # as many positions as rows: a transposed input would still split
+    params = list(model.parameters())
+    lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
+    ref = entanglement_reference(*flat_gradients_reference(lp, params).split(3))
+    mon = EntanglementMonitor(model)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with mon:
+            chosen, rejected = torch.log_softmax(model(ids), -1)[..., 0].sum(-1).split(3)
+            mon.watch(chosen, rejected)
+            (chosen * COEF - rejected).sum().backward()
+        assert_exact64(mon.stats.inner, ref["inner"], rtol=1e-10, name="inner")
+    assert RW._LINEAR_CALLS.get(model.one) is False
+    assert "one" not in {mon.coverage.entries[i].name for i in mon._bookkept}

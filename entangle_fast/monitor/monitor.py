@@ -333,7 +333,7 @@ class EntanglementMonitor:
         rows, width = self._rows_hint, self._width_hint
         if not linear_calls_refused(module) and isinstance(x, Tensor) and x.ndim >= 2 and rows \
                 and x.shape[0] in (rows, rows * width):
-            mode = LinearCalls(module, partial(self._bookkept_linear, idx))
+            mode = LinearCalls(module, partial(self._bookkept_linear, idx), x)
             with mode:
                 out = own(*args, **kwargs)
             if mode.qualifies(module):

@@ -200,14 +200,24 @@ class LinearCalls(TorchFunctionMode):
     """While one module's forward runs: its ``F.linear(x, weight, bias)`` calls on its own parameters go through
     ``apply(x, weight, bias)``; ``linear`` counts them and ``other`` counts every other call that takes a parameter
     (or a property of one that carries its gradient, such as ``weight.T``). :meth:`qualifies` is the verdict of the
-    call, remembered per module."""
+    call, remembered per module.
 
-    def __init__(self, module: nn.Module, apply):
+    Only a call whose ``x`` is the module's input ``source`` itself or a contiguous view of it in the same memory order
+    (``reshape(-1, d)``) is routed, so that its leading dimension is the forward's rows in order; a call on anything
+    else counts as another use."""
+
+    def __init__(self, module: nn.Module, apply, source: Tensor):
         super().__init__()
         self.weight, self.bias = module._parameters["weight"], module._parameters.get("bias")
-        self.apply = apply
+        self.apply, self.source = apply, source
         self.ids = {id(self.weight)} | ({id(self.bias)} if self.bias is not None else set())
         self.linear = self.other = 0
+
+    def _in_order(self, x) -> bool:
+        src = self.source
+        return isinstance(x, Tensor) and (x is src or (
+            x.is_contiguous() and src.is_contiguous() and x.data_ptr() == src.data_ptr() and x.numel() == src.numel()
+            and x.shape[-1] == src.shape[-1]))
 
     def _takes_param(self, values) -> bool:
         for v in values:
@@ -223,9 +233,10 @@ class LinearCalls(TorchFunctionMode):
         if func is F.linear:
             bound = dict(zip(("input", "weight", "bias"), args))
             bound.update(kwargs)
-            if bound.get("weight") is self.weight and bound.get("bias") is self.bias:
+            x = bound.get("input")
+            if bound.get("weight") is self.weight and bound.get("bias") is self.bias and self._in_order(x):
                 self.linear += 1
-                return self.apply(bound["input"], self.weight, self.bias)
+                return self.apply(x, self.weight, self.bias)
         out = func(*args, **kwargs)
         if self._takes_param(args) or self._takes_param(kwargs.values()):
             getter = getattr(func, "__name__", "") == "__get__"
