@@ -15,6 +15,8 @@ Ops: ``logprob_fwd``/``logprob_bwd`` (``entangle_fast.logprobs``), ``ghost_gram_
 """
 from __future__ import annotations
 
+import functools
+
 import importlib
 import os
 from typing import Callable
@@ -118,3 +120,18 @@ def launcher(op: str, backend: str) -> Callable:
     fn = getattr(importlib.import_module(module), name)
     _LOADED[key] = fn
     return fn
+
+
+def without_autocast(fn):
+    """An autograd Function's ``forward`` or ``backward`` run with autocast off when the caller's region has it on
+    (on CPU the backward runs in the caller's thread, inside its autocast region): the op computes in the dtypes of
+    its inputs, which callers cast themselves."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn(ctx, *args)
+        return fn(ctx, *args)
+
+    return run

@@ -19,15 +19,13 @@ checked in ``entangle_fast/_contract.py``); :class:`LinearLogprobFunction` calls
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from entangle_fast import _backend
-from entangle_fast._backend import compute_dtype, launcher, resolve_impl
+from entangle_fast._backend import compute_dtype, launcher, resolve_impl, without_autocast
 from entangle_fast._torch import logprob as _torch_logprob
 from entangle_fast.logit_transform import IDENTITY, LogitTransform
 from entangle_fast.token_stats import (
@@ -209,18 +207,6 @@ class _StatsRequest:
         self.sums_only = sums_only
 
 
-def _without_autocast(fn):
-    """Run an autograd Function's forward or backward with autocast off: the fused op computes in its inputs' dtype
-    (fp32 accumulation) whatever region it is called or differentiated in; callers cast the inputs themselves."""
-    @functools.wraps(fn)
-    def run(ctx, *args):
-        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-        with torch.autocast(device, enabled=False):
-            return fn(ctx, *args)
-
-    return run
-
-
 class LinearLogprobFunction(torch.autograd.Function):
     """Autograd node of :func:`linear_logprobs` on flattened ``hidden [N, d]``, ``labels [N]``.
 
@@ -228,7 +214,7 @@ class LinearLogprobFunction(torch.autograd.Function):
     differentiable."""
 
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def forward(ctx, hidden, weight, bias, labels, ignore_index, impl, stats_request, transform, metrics):
         fwd, _ = _launchers(impl)
         scale, softcap = transform_args(transform)
@@ -240,7 +226,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         return (logprobs.float() if hidden.dtype != torch.float64 else logprobs, *out[1:])
 
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def backward(ctx, grad_logprobs, *_grad_rest):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         req: _StatsRequest | None = ctx.stats_request

@@ -339,7 +339,12 @@ class EntanglementMonitor:
             if mode.qualifies(module):
                 self._note_call(idx, module, out)
                 return out
-        if idx in self._bookkept:  # the generic path from now on (checked like it)
+        return self._generic_call(idx, module, own, args, kwargs)
+
+    def _generic_call(self, idx: int, module: nn.Module, own, args, kwargs):
+        """A call that a book-kept generic or experts module's swapped forward does not take: captured as a forward
+        hook would capture it, the module on the generic per-row path from then on (checked like it)."""
+        if idx in self._bookkept:
             self._bookkept.discard(idx)
             self._check_rows_of(idx)
         out = own(*args, **kwargs)
@@ -377,12 +382,7 @@ class EntanglementMonitor:
             if X.verify(module, out, *call):
                 self._note_call(idx, module, out)
                 return out
-        if idx in self._bookkept:  # the generic path from now on (checked like it)
-            self._bookkept.discard(idx)
-            self._check_rows_of(idx)
-        out = own(*args, **kwargs)
-        replaced = self._on_forward(idx, module, args, kwargs, out)
-        return out if replaced is None else replaced
+        return self._generic_call(idx, module, own, args, kwargs)
 
     def _bookkeep_experts(self, idx: int, which: int, x: Tensor, gamma: Tensor, routing, dtype: torch.dtype):
         """Backward of a book-kept experts projection (``which``: 0 up, 1 down): every expert's weight and bias

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from entangle_fast._backend import without_autocast
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.rowwise import RowwiseReducer
 
@@ -124,14 +125,8 @@ class BookkeptExperts(torch.autograd.Function):
         return _project(x, weight, bias, routing.segments, transposed)
 
     @staticmethod
+    @without_autocast  # the inputs' dtype, as in the forward
     def backward(ctx, gamma):
-        if torch.is_autocast_enabled(gamma.device.type):
-            with torch.autocast(gamma.device.type, enabled=False):  # the inputs' dtype, as in the forward
-                return BookkeptExperts._backward(ctx, gamma)
-        return BookkeptExperts._backward(ctx, gamma)
-
-    @staticmethod
-    def _backward(ctx, gamma):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from entangle_fast._backend import resolve_impl
+from entangle_fast._backend import resolve_impl, without_autocast
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows, stock_forward
 
@@ -161,14 +161,8 @@ class BookkeptLinear(torch.autograd.Function):
         return F.linear(x, weight.T if transpose else weight, bias)
 
     @staticmethod
+    @without_autocast  # the inputs' dtype, as in the forward
     def backward(ctx, gamma):
-        if torch.is_autocast_enabled(gamma.device.type):
-            with torch.autocast(gamma.device.type, enabled=False):  # the inputs' dtype, as in the forward
-                return BookkeptLinear._backward(ctx, gamma)
-        return BookkeptLinear._backward(ctx, gamma)
-
-    @staticmethod
-    def _backward(ctx, gamma):
         x, weight = ctx.saved_tensors
         w = weight.T if ctx.transpose else weight
         grad_x = gamma @ w if ctx.needs_input_grad[0] else None
