@@ -28,6 +28,46 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+class _Watched:
+    """A toy model's step on ``ids [6, T]`` (3 pairs; each row's log-prob of token 0, summed), watched by the
+    monitor: ``ref`` the float64 reference of its statistics, ``plain`` the unmonitored step's ``.grad``."""
+
+    def __init__(self, model, ids):
+        from entangle_fast.reference import entanglement_reference, flat_gradients_reference
+
+        self.model, self.ids = model, ids
+        params = list(model.parameters())
+        self.ref = entanglement_reference(*flat_gradients_reference(torch.cat(self.logps()), params).split(3))
+        model.zero_grad(set_to_none=True)
+        self._backward(*self.logps())
+        self.plain = _grads(model)
+
+    def logps(self):
+        lp = torch.log_softmax(self.model(self.ids), -1)[..., 0].sum(-1)
+        return lp[:3], lp[3:]
+
+    @staticmethod
+    def _backward(chosen, rejected):
+        (chosen * COEF - rejected).sum().backward()
+
+    def step(self, mon):
+        """One monitored step; returns ``mon``."""
+        self.model.zero_grad(set_to_none=True)
+        with mon:
+            chosen, rejected = self.logps()
+            mon.watch(chosen, rejected)
+            self._backward(chosen, rejected)
+        return mon
+
+    def check(self, mon, label: str = "") -> None:
+        """Statistics exact (1e-10) and ``.grad`` equal to the unmonitored step's to float64 rounding (1e-12)."""
+        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+            assert_exact64(getattr(mon.stats, key), self.ref[key], rtol=1e-10, name=f"{label}{key}")
+        params = dict(self.model.named_parameters())
+        for name, g in self.plain.items():
+            assert_exact64(params[name].grad, g, rtol=1e-12, name=f"{label}{name} .grad")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_bookkept_gradients_and_statistics(arch, monkeypatch):
     model = tiny_model(arch, TINY, dtype=torch.float64)
@@ -154,7 +194,6 @@ def test_positionwise_modules_on_per_row_views(cls):
     statistics stay exact and .grad stays equal to the unmonitored step's to float64 rounding either way."""
     from entangle_fast.monitor import register_positionwise
     from entangle_fast.monitor.kinds.positionwise import PositionwiseReducer
-    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
 
     if cls is not torch.nn.LayerNorm:
         register_positionwise(cls)
@@ -164,33 +203,13 @@ def test_positionwise_modules_on_per_row_views(cls):
                                 cls(d) if cls is not torch.nn.LayerNorm else cls(d, dtype=torch.float64),
                                 torch.nn.Linear(d, vocab, dtype=torch.float64))
     norm = model[1]
-    ids = torch.randint(0, vocab, (6, 5))
-
-    def logps():
-        lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
-        return lp[:3], lp[3:]
-
-    params = [p for p in model.parameters()]
-    grads = flat_gradients_reference(torch.cat(logps()), params)
-    ref = entanglement_reference(grads[:3], grads[3:])
-    model.zero_grad(set_to_none=True)
-    chosen, rejected = logps()
-    (chosen * COEF - rejected).sum().backward()
-    plain = _grads(model)
-
+    run = _Watched(model, torch.randint(0, vocab, (6, 5)))
     mon = EntanglementMonitor(model)
     for step in range(2):
-        model.zero_grad(set_to_none=True)
-        with mon:
-            chosen, rejected = logps()
-            mon.watch(chosen, rejected)
-            (chosen * COEF - rejected).sum().backward()
+        run.step(mon)
         on_views = mon.coverage.entries.index(next(e for e in mon.coverage.entries if e.module is norm)) in mon._row_param
         assert on_views == (step == 1 and cls is _ScaleShift)
-        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
-            assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-10, name=f"step {step} {key}")
-        for name, g in plain.items():
-            assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name}")
+        run.check(mon, f"step {step} ")
     assert PositionwiseReducer.takes_row_params(norm) == (cls is _ScaleShift)
 
 
@@ -212,42 +231,23 @@ def test_bookkept_embeddings_padding_and_broadcast_positions(monkeypatch):
     """A stock nn.Embedding forms its weight gradient in the monitor (sparse per-row gradients, the padding id
     getting none, as in F.embedding); one called on [1, T] ids falls back to the hooks' path. Statistics exact,
     .grad equal to the unmonitored step's to float64 rounding (the padding row's stays zero)."""
-    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
-
     torch.manual_seed(0)
     vocab, d, width = 9, 5, 6
     model = _TwoLookups(vocab, d, width)
     ids = torch.randint(0, vocab, (6, width))
     ids[:, -2:] = 2  # padding positions, and a repeated id within rows
     ids[0, 0] = ids[3, 1] = 7  # an id the chosen and the rejected row of pair 0 share
-
-    def logps():
-        lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
-        return lp[:3], lp[3:]
-
-    params = list(model.parameters())
-    ref = entanglement_reference(*flat_gradients_reference(torch.cat(logps()), params).split(3))
-    model.zero_grad(set_to_none=True)
-    chosen, rejected = logps()
-    (chosen * COEF - rejected).sum().backward()
-    plain = _grads(model)
-    assert plain["tok.weight"][2].abs().max() == 0
+    run = _Watched(model, ids)
+    assert run.plain["tok.weight"][2].abs().max() == 0
 
     formed = []
     real = monitor_mod.EntanglementMonitor._bookkeep_embedding
     monkeypatch.setattr(monitor_mod.EntanglementMonitor, "_bookkeep_embedding",
                         lambda self, idx, *a: formed.append(self.coverage.entries[idx].name) or real(self, idx, *a))
-    model.zero_grad(set_to_none=True)
-    with EntanglementMonitor(model) as mon:
-        chosen, rejected = logps()
-        mon.watch(chosen, rejected)
-        (chosen * COEF - rejected).sum().backward()
+    mon = run.step(EntanglementMonitor(model))
     assert {"tok", "pos", "head"} <= {mon.coverage.entries[i].name for i in mon._bookkept}
     assert formed == ["tok"], "the [2B, T] lookup is book-kept, the broadcast [1, T] one is not"
-    for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
-        assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-10, name=key)
-    for name, g in plain.items():
-        assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"{name} .grad")
+    run.check(mon)
     assert model.tok.weight.grad[2].abs().max() == 0
 
 
@@ -383,39 +383,19 @@ def test_linear_calls_of_generic_modules():
     that call; one that also uses its weight otherwise is found on its first call and keeps the per-row replay.
     Statistics exact, .grad equal to the unmonitored step's to float64 rounding, on two steps."""
     from entangle_fast.monitor.kinds import rowwise as RW
-    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
 
     torch.manual_seed(0)
     vocab, d = 11, 6
     model = _Generic(vocab, d)
-    ids = torch.randint(0, vocab, (6, 5))
-
-    def logps():
-        lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
-        return lp[:3], lp[3:]
-
-    params = list(model.parameters())
-    ref = entanglement_reference(*flat_gradients_reference(torch.cat(logps()), params).split(3))
-    model.zero_grad(set_to_none=True)
-    chosen, rejected = logps()
-    (chosen * COEF - rejected).sum().backward()
-    plain = _grads(model)
-
+    run = _Watched(model, torch.randint(0, vocab, (6, 5)))
     mon = EntanglementMonitor(model)
     kinds = {e.name: e.kind for e in mon.coverage.entries}
     assert kinds["one"] == kinds["two"] == "rowwise"
     for step in range(2):
-        model.zero_grad(set_to_none=True)
-        with mon:
-            chosen, rejected = logps()
-            mon.watch(chosen, rejected)
-            (chosen * COEF - rejected).sum().backward()
+        run.step(mon)
         bookkept = {mon.coverage.entries[i].name for i in mon._bookkept}
         assert "one" in bookkept and "two" not in bookkept, f"step {step}: {sorted(bookkept)}"
-        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
-            assert_exact64(getattr(mon.stats, key), ref[key], rtol=1e-10, name=f"step {step} {key}")
-        for name, g in plain.items():
-            assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")
+        run.check(mon, f"step {step} ")
     assert RW._LINEAR_CALLS.get(model.one) is True and RW._LINEAR_CALLS.get(model.two) is False
 
 
@@ -461,22 +441,14 @@ def test_linear_calls_need_the_rows_in_order():
     """A linear call on the module's input in another order (here [T, R, d] with T = R, which would split into rows
     all the same) is not routed: the module keeps the per-row replay and the statistics stay exact."""
     from entangle_fast.monitor.kinds import rowwise as RW
-    from entangle_fast.reference import entanglement_reference, flat_gradients_reference
 
     torch.manual_seed(0)
     model = _Generic(11, 6)
     model.one = _Reordered(6)
-    ids = torch.randint(0, 11, (6, 6))  # as many positions as rows: a transposed input would still split
-    params = list(model.parameters())
-    lp = torch.log_softmax(model(ids), -1)[..., 0].sum(-1)
-    ref = entanglement_reference(*flat_gradients_reference(lp, params).split(3))
+    run = _Watched(model, torch.randint(0, 11, (6, 6)))  # as many positions as rows: a transposed input would split
     mon = EntanglementMonitor(model)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        with mon:
-            chosen, rejected = torch.log_softmax(model(ids), -1)[..., 0].sum(-1).split(3)
-            mon.watch(chosen, rejected)
-            (chosen * COEF - rejected).sum().backward()
-        assert_exact64(mon.stats.inner, ref["inner"], rtol=1e-10, name="inner")
+    for step in range(2):
+        run.step(mon)
+        run.check(mon, f"step {step} ")
     assert RW._LINEAR_CALLS.get(model.one) is False
     assert "one" not in {mon.coverage.entries[i].name for i in mon._bookkept}

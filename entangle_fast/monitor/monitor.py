@@ -116,17 +116,17 @@ class EntanglementMonitor:
         exclude: parameters, modules or their names to leave out of the statistics (the explicit opt-out for
             parameters the monitor cannot cover exactly).
         position_attribution: also return ``stats.position_attribution`` ``[B, T, T]`` (exact mode only).
-        bookkeeping: linear layers, Conv1D, embeddings and MoE expert weights form their own weight gradients in
-            the monitor, pair by
-            pair, with the statistics from the same partial sums (docs/math.md section 4.2), and autograd does not
-            form them a second time: monitoring then costs about what those weight gradients cost (norms, checked
-            once to take per-row parameters, get their per-row gradients from the step's backward through per-row
-            views of their parameters; docs/monitor.md, "Book-keeping"). ``.grad`` then equals the
-            unmonitored step's up to summation order (rounding: float64 agrees to ~1e-15 relative; fp32/bf16 are no
-            further from the float64 gradient than the unmonitored step). ``False`` leaves every gradient to
-            autograd, bit-identical to the unmonitored step, at the price of a second pass over each layer. Applies in
-            exact mode without position attribution or kept factors, to layers whose forward is the stock one and
-            whose parameter is not shared.
+        bookkeeping: linear layers, Conv1D, embeddings, MoE expert weights and routers (a module's one ``F.linear``
+            call on its own weight) form their own weight gradients in the monitor, pair by pair, with the statistics
+            from the same partial sums (docs/math.md section 4.2), and autograd does not form them a second time:
+            monitoring then costs about what those weight gradients cost (norms, checked once to take per-row
+            parameters, get their per-row gradients from the step's backward through per-row views of their
+            parameters; docs/monitor.md, "Book-keeping"). ``.grad`` then equals the unmonitored step's up to
+            summation order (rounding: float64 agrees to ~1e-15 relative; fp32/bf16 are no further from the float64
+            gradient than the unmonitored step). ``False`` leaves every gradient to autograd, bit-identical to the
+            unmonitored step, at the price of a second pass over each layer. Applies in exact mode without position
+            attribution or kept factors, to modules whose parameters are not shared and whose forward is the stock
+            one or is checked once to compute the same (experts, linear calls).
         keep_factors: keep every module's packed factors after the step (about the size of the activations) so that
             :meth:`weighted_gradients` and :meth:`gradient_dot` can re-form gradients without a second backward
             (docs/math.md section 6). They are released when the monitor is entered again.
