@@ -28,6 +28,48 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _against_autograd(model, batch, plain: dict, booked):
+    """The step with ``bookkeeping=False``: ``.grad`` bit-identical to the unmonitored step's ``plain``, statistics
+    equal to the book-kept step's ``booked`` (1e-10). Returns the monitor."""
+    model.zero_grad(set_to_none=True)
+    with EntanglementMonitor(model, bookkeeping=False) as mon:
+        _step(model, batch)
+    for name, g in plain.items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, g), f"{name}: bookkeeping=False changed .grad"
+    for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+        assert_exact64(getattr(booked, key), getattr(mon.stats, key), rtol=1e-10, name=key)
+    return mon
+
+
+def _autocast_steps(model, batch, steps: int = 1):
+    """Under bf16 autocast: the unmonitored step, then ``steps`` monitored ones with one monitor (the model's float64
+    copy gives the reference gradient). Checks that the monitor's own reductions stayed float32 (``backward()`` ran
+    inside the autocast region) and that every ``.grad`` is float32 and no further from the float64 gradient than the
+    unmonitored step's. Returns the monitor."""
+    import copy
+
+    from helpers import assert_close_to_reference
+
+    model64 = copy.deepcopy(model).double()
+    _step(model64, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _step(model, batch)
+    plain = _grads(model)
+    mon = EntanglementMonitor(model)
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), mon:
+            _step(model, batch)
+    assert torch.isfinite(mon.stats.inner).all()
+    assert {t.as_stack().dtype for t in mon._results.values()} == {torch.float32}
+    params64 = dict(model64.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
+                                  margin=1e-3 * params64[name].grad.abs().max().item(), name=name)
+    return mon
+
+
 class _Watched:
     """A toy model's step on ``ids [6, T]`` (3 pairs; each row's log-prob of token 0, summed), watched by the
     monitor: ``ref`` the float64 reference of its statistics, ``plain`` the unmonitored step's ``.grad``."""
@@ -91,16 +133,7 @@ def test_bookkept_gradients_and_statistics(arch, monkeypatch):
     assert any(isinstance(m, torch.nn.Embedding) for m in bookkept), "the token embedding is book-kept"
     for name, g in plain.items():
         assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"{name} .grad")
-    booked = mon.stats
-
-    model.zero_grad(set_to_none=True)
-    with EntanglementMonitor(model, bookkeeping=False) as mon:
-        _step(model, batch)
-    assert not mon._bookkept
-    for name, g in plain.items():
-        assert torch.equal(dict(model.named_parameters())[name].grad, g), f"{name}: bookkeeping=False changed .grad"
-    for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
-        assert_exact64(getattr(booked, key), getattr(mon.stats, key), rtol=1e-10, name=key)
+    assert not _against_autograd(model, batch, plain, mon.stats)._bookkept
 
 
 def test_accumulation_hooks_and_restored_forwards():
@@ -138,28 +171,9 @@ def test_accumulation_hooks_and_restored_forwards():
 def test_bookkeeping_under_autocast():
     """Under bf16 autocast (TRL's and accelerate's mixed precision) book-kept layers take autocast's dtype, and their
     gradients are no further from the float64 gradient than the unmonitored autocast step's."""
-    import copy
-
-    from helpers import assert_close_to_reference
-
     model = tiny_model("llama", TINY, dtype=torch.float32)
-    batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
-    model64 = copy.deepcopy(model).double()
-    _step(model64, batch)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _step(model, batch)
-    plain = _grads(model)
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), EntanglementMonitor(model) as mon:
-        _step(model, batch)
-    assert mon._bookkept and torch.isfinite(mon.stats.inner).all()
-    # backward() ran inside the autocast region: the monitor's own reductions must not have been autocast to bf16.
-    assert {t.as_stack().dtype for t in mon._results.values()} == {torch.float32}
-    params64 = dict(model64.named_parameters())
-    for name, p in model.named_parameters():
-        assert p.grad.dtype == torch.float32
-        assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
-                                  margin=1e-3 * params64[name].grad.abs().max().item(), name=name)
+    mon = _autocast_steps(model, encode_pairs(build_tokenizer(), BUILTIN_PAIRS))
+    assert mon._bookkept
 
 
 class _ScaleShift(torch.nn.Module):
@@ -297,14 +311,7 @@ def test_bookkept_experts(arch, at_once, monkeypatch):
         for name, g in plain.items():
             assert_exact64(dict(model.named_parameters())[name].grad, g, rtol=1e-12, name=f"step {step} {name} .grad")
     booked = mon.stats
-
-    model.zero_grad(set_to_none=True)
-    with EntanglementMonitor(model, bookkeeping=False) as replayed:
-        _step(model, batch)
-    for name, g in plain.items():
-        assert torch.equal(dict(model.named_parameters())[name].grad, g), f"{name}: bookkeeping=False changed .grad"
-    for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
-        assert_exact64(getattr(booked, key), getattr(replayed.stats, key), rtol=1e-10, name=key)
+    replayed = _against_autograd(model, batch, plain, booked)
     for m in experts:
         name = next(n for n, mod in model.named_modules() if mod is m)
         assert_exact64(booked.per_module[name][0], replayed.stats.per_module[name][0], rtol=1e-10, name=f"{name} inner")
@@ -402,32 +409,13 @@ def test_linear_calls_of_generic_modules():
 def test_bookkept_experts_and_routers_under_autocast():
     """Under bf16 autocast the book-kept experts and routers take autocast's dtype in their products, and their
     gradients are no further from the float64 gradient than the unmonitored autocast step's."""
-    import copy
-
     from arch_models import _build
-    from helpers import assert_close_to_reference
 
     model = _build("qwen3_moe", 0).float().eval()
-    batch = encode_pairs(build_tokenizer(), BUILTIN_PAIRS)
-    model64 = copy.deepcopy(model).double()
-    _step(model64, batch)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _step(model, batch)
-    plain = _grads(model)
-    mon = EntanglementMonitor(model)
-    for _ in range(2):  # the second step runs every module on its checked path
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), mon:
-            _step(model, batch)
+    # Two steps: the second runs every module on its checked path.
+    mon = _autocast_steps(model, encode_pairs(build_tokenizer(), BUILTIN_PAIRS), steps=2)
     names = {mon.coverage.entries[i].name for i in mon._bookkept}
     assert any(n.endswith("experts") for n in names) and any(n.endswith("mlp.gate") for n in names), sorted(names)
-    assert torch.isfinite(mon.stats.inner).all()
-    assert {t.as_stack().dtype for t in mon._results.values()} == {torch.float32}
-    params64 = dict(model64.named_parameters())
-    for name, p in model.named_parameters():
-        assert p.grad.dtype == torch.float32
-        assert_close_to_reference(p.grad, params64[name].grad, plain[name], factor=2.0,
-                                  margin=1e-3 * params64[name].grad.abs().max().item(), name=name)
 
 
 class _Reordered(_OneLinearCall):
