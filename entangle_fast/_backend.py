@@ -128,7 +128,11 @@ def without_autocast(fn):
     its inputs, which callers cast themselves."""
     @functools.wraps(fn)
     def run(ctx, *args):
-        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        device = "cpu"
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                device = a.device.type
+                break
         if torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return fn(ctx, *args)

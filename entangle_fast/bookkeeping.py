@@ -40,7 +40,14 @@ from torch import Tensor
 from entangle_fast import _backend
 from entangle_fast._backend import launcher, resolve_impl
 from entangle_fast._contract import check_index_pairs, check_segments
-from entangle_fast._torch.pair_wgrad import is_default_layout, torch_pair_wgrad, torch_pair_wgrad_dense
+from entangle_fast._torch.pair_wgrad import (
+    gram_index,
+    is_default_layout,
+    is_small,
+    small_pair_wgrad,
+    torch_pair_wgrad,
+    torch_pair_wgrad_dense,
+)
 
 _backend.register("pair_wgrad", torch="entangle_fast._torch.pair_wgrad:torch_pair_wgrad",
                   triton="entangle_fast.kernels.pair_wgrad:pair_wgrad", cuda="entangle_fast._cuda:cuda_pair_wgrad")
@@ -157,6 +164,14 @@ class PairPlan:
             copies = self._copies[device] = tuple(t.to(device) for t in (self.pairs, self.fold, self.unpaired))
         return copies
 
+    def gram_index(self, device) -> Tensor:
+        """:func:`~entangle_fast._torch.pair_wgrad.gram_index` of the pairs, on ``device``."""
+        key = ("gram", device)
+        index = self._copies.get(key)
+        if index is None:
+            index = self._copies[key] = gram_index(self.pairs, self.rows).to(device)
+        return index
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Public functions
@@ -254,20 +269,27 @@ def pair_weight_grad_dense(
 
 
 def dense_with_plan(a: Tensor, gamma: Tensor, plan: PairPlan, *, bias: bool, out_dtype: torch.dtype, backend: str,
-                    chunk_rows: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+                    chunk_rows: int | None = None, grad_weight: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`pair_weight_grad_dense` without its checks, on a resolved ``backend``, returning the launcher's
     ``(grad_weight, grad_bias | None, stats [3, B])``: for callers that hold the contract by construction (the
     monitor's book-kept layers and the fused head: ``a`` and ``gamma`` are a linear map's input and output gradient,
-    ``[R, T, d]`` of one floating dtype on one device, and ``plan`` is for their R rows)."""
+    ``[R, T, d]`` of one floating dtype on one device, and ``plan`` is for their R rows). ``grad_weight``: a
+    ``[d_out, d_in]`` buffer of ``out_dtype`` that receives the weight gradient (the fused head's slice of its whole
+    gradient), returned in its place."""
     n_rows, t = a.shape[:2]
     device = gamma.device
+    if backend == "torch" and grad_weight is None and chunk_rows is None \
+            and is_small(n_rows, gamma.shape[2], a.shape[2]):
+        return small_pair_wgrad(a, gamma, plan.gram_index(device), bias=bias, out_dtype=out_dtype)
     pr, fold, unpaired = plan.on(device)
     if t == 0:
         unpaired = unpaired[:0]
     if backend == "torch":
         return torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
-                                      chunk_rows=chunk_rows, ordered=plan.ordered)
+                                      chunk_rows=chunk_rows, ordered=plan.ordered, grad_weight=grad_weight)
     cu = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * t
     args = (a.reshape(n_rows * t, a.shape[2]).contiguous(), gamma.reshape(n_rows * t, gamma.shape[2]).contiguous(), cu,
             pr.contiguous(), fold, unpaired)
-    return launcher("pair_wgrad", backend)(*args, bias=bias, out_dtype=out_dtype)
+    gw, gb, stats = launcher("pair_wgrad", backend)(*args, bias=bias, out_dtype=out_dtype)
+    return (gw if grad_weight is None else grad_weight.copy_(gw)), gb, stats

@@ -149,7 +149,9 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
     n, v, d = hidden.shape[0], weight.shape[0], hidden.shape[1]
     cdt = compute_dtype(hidden.dtype)
     r = torch.zeros(n, d, dtype=cdt, device=hidden.device)
-    chunks = _vocab_chunks(n, v, True, None)
+    # The PyTorch path takes one vocabulary tile at a time: its deltas are formed in place in one reused buffer and
+    # book-kept while they are still in cache (the kernels write wider chunks).
+    chunks = _vocab_chunks(n, v, True, _torch_logprob.TORCH_VOCAB_TILE if impl == "torch" else None)
     # One chunk: the book-kept gradients are the outputs themselves, no copy.
     gw = torch.empty(v, d, dtype=weight.dtype, device=hidden.device) if len(chunks) > 1 else None
     gb = torch.empty(v, dtype=cdt, device=hidden.device) if need_bias_grad and len(chunks) > 1 else None
@@ -167,13 +169,12 @@ def _fused_backward_sums(impl, hidden, weight, labels, bias, lse, grad_logprobs,
         delta.mul_(g)  # loss units: the head gradient's factor at each token
         # hidden [R, T, d] and its delta tile [R, T, v1 - v0] share dtype, device and layout by construction.
         tile_gw, tile_gb, stats = dense_with_plan(rows, delta.view(sums.rows, sums.width, v1 - v0), sums.plan,
-                                                  bias=need_bias_grad, out_dtype=weight.dtype, backend=backend)
+                                                  bias=need_bias_grad, out_dtype=weight.dtype, backend=backend,
+                                                  grad_weight=None if gw is None else gw[v0:v1])
         if len(chunks) == 1:
             gw, gb = tile_gw, (tile_gb.to(cdt) if need_bias_grad else None)
-        else:
-            gw[v0:v1] = tile_gw
-            if gb is not None:
-                gb[v0:v1] = tile_gb
+        elif gb is not None:
+            gb[v0:v1] = tile_gb
         sums.add(stats)
     return r, gw, gb
 

@@ -227,6 +227,40 @@ def test_dense_torch_path_float64_with_plan(monkeypatch, layout, bias, cache, ch
         pair_weight_grad_dense(a, gamma, pairs.to(DEVICE), plan=plan)
 
 
+@pytest.mark.parametrize("cache", [None, 64], ids=["small", "slices"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_dense_with_plan_into_a_buffer_any_layout(monkeypatch, cache, bias):
+    """``dense_with_plan`` on the PyTorch path, the small-layer form (every row at once, one Gram matrix) and the
+    sliced one, for a layout with a row in two pairs and rows in none: equal to the float64 reference, and the weight
+    gradient written into a given buffer (a slice of a larger gradient, as the fused head passes) is that buffer."""
+    import entangle_fast._torch.pair_wgrad as tp
+    from entangle_fast.bookkeeping import PairPlan, dense_with_plan
+
+    if cache is not None:
+        monkeypatch.setattr(tp, "CACHE_ELEMENTS", cache)
+    n_rows, t, d_in, d_out = 6, 4, 5, 7
+    assert tp.is_small(n_rows, d_out, d_in) == (cache is None)
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(n_rows, t, d_in, generator=gen, dtype=torch.float64)
+    gamma = torch.randn(n_rows, t, d_out, generator=gen, dtype=torch.float64)
+    pairs = torch.tensor([[0, 3], [0, 4]])  # row 0 twice; rows 1, 2 and 5 in no pair
+    plan = PairPlan(n_rows, pairs)
+    whole = torch.full((d_out + 3, d_in), float("nan"), dtype=torch.float64)
+    for into in (None, whole[2: 2 + d_out]):
+        gw, gb, stats = dense_with_plan(a, gamma, plan, bias=bias, out_dtype=torch.float64, backend="torch",
+                                        grad_weight=into)
+        if into is not None:
+            assert gw.data_ptr() == into.data_ptr()
+        cu = torch.arange(n_rows + 1) * t
+        want = pair_weight_grad_reference(a.reshape(-1, d_in), gamma.reshape(-1, d_out), cu, pairs, bias=bias)
+        _assert_close(gw, want.grad_weight, 1e-13 * want.grad_weight.abs().max(), "grad_weight")
+        for i, name in enumerate(STATS):
+            _assert_close(stats[i], getattr(want, name), 1e-12 * getattr(want, name).abs().max(), name)
+        if bias:
+            _assert_close(gb, want.grad_bias, 1e-13 * want.grad_bias.abs().max(), "grad_bias")
+    assert whole[:2].isnan().all() and whole[2 + d_out:].isnan().all()
+
+
 @pytest.mark.parametrize("impl", _backends())
 def test_dense_form_equals_packed(impl):
     """Rows of one width T = 20 padded from the variable lengths: gamma is 0 on the padding (a is not), so the dense

@@ -173,3 +173,38 @@ def test_tiny_hf_model_head_statistics(arch):
         g_l = torch.autograd.grad(out.rejected_logps.sum(), weight)[0]
         tied_inner = (g_w * g_l).sum()
         assert abs(tied_inner.item() - stats.inner[0].item()) > 1e-6 * abs(stats.inner[0].item())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sums_only_listener_float64_over_many_vocabulary_tiles(bias, monkeypatch):
+    """A listener that asks for the pair sums only (``token_matrices=False``): the backward book-keeps the head's
+    weight and bias gradients vocabulary tile by tile, its deltas formed in place in one tile-wide buffer. Over 16
+    tiles the sums equal the float64 reference, and every gradient equals the plain backward's."""
+    from entangle_fast.token_stats import register_stats_listener
+
+    small_vocab_tiles(monkeypatch)
+    hidden, weight, labels, b = rows(6, 7, 5, 1001, bias=bias)
+    labels[0, :3] = -100
+    labels[4, 5:] = -100
+    upstream = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)[:, None].expand(6, 7)
+    _, plain = stats_by_backward(hidden, weight, labels, b, upstream=upstream)
+
+    seen = []
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    bb = b.detach().requires_grad_(True) if b is not None else None
+    handle = register_stats_listener(seen.append, token_matrices=False)
+    try:
+        logps = linear_logprobs(h, w, labels, bias=bb, impl="torch")
+        (logps * upstream).sum().backward()
+    finally:
+        handle.remove()
+    stats = seen[-1].stats
+    assert stats.token_matrix is None
+    ref = output_layer_token_stats_reference(hidden, weight, labels, [(0, 3), (1, 4), (2, 5)], b)
+    for i, r in enumerate(ref):
+        for key in ("inner", "chosen_sq_norm", "rejected_sq_norm"):
+            assert_exact64(getattr(stats, key)[i], r[key], rtol=1e-10, name=f"pair {i} {key}")
+    for got, want in zip((h.grad, w.grad, None if bb is None else bb.grad), plain):
+        if want is not None:
+            assert (got - want).abs().max() <= 1e-12 * want.abs().max()

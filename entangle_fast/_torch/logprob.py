@@ -36,9 +36,11 @@ def row_chunks(n: int):
         yield slice(r0, min(r0 + rows, n))
 
 
-def tile_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``h @ w.T + b`` for one tile, all in the compute dtype."""
-    return torch.addmm(b, h, w.T) if b is not None else h @ w.T
+def tile_logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``h @ w.T + b`` for one tile, all in the compute dtype (into ``out`` when given)."""
+    if b is not None:
+        return torch.addmm(b, h, w.T, out=out) if out is not None else torch.addmm(b, h, w.T)
+    return torch.mm(h, w.T, out=out) if out is not None else h @ w.T
 
 
 def _transform_tile_(logits: Tensor, scale: float, softcap: float, derivative: bool = False):
@@ -132,11 +134,15 @@ def torch_logprob_bwd(
         acc = None
         if grad_weight is not None:
             acc = grad_weight[c0:c1] if grad_weight.dtype == cdt else torch.zeros_like(w)
+        cols = slice(c0 - vocab_start, c1 - vocab_start)
         for rows in row_chunks(n):
             h = hidden[rows].to(cdt)
-            z, fprime = _transform_tile_(tile_logits(h, w, b), scale, softcap, derivative=True)
+            # The deltas alone are asked for, as one contiguous tile: the logits are formed in place there.
+            into = delta_out[rows, cols] if probs_out is None and delta_out is not None else None
+            into = into if into is not None and into.is_contiguous() else None
+            logits = tile_logits(h, w, b) if into is None else tile_logits(h, w, b, out=into)
+            z, fprime = _transform_tile_(logits, scale, softcap, derivative=True)
             du = z.sub_(lse_masked[rows, None]).exp_()
-            cols = slice(c0 - vocab_start, c1 - vocab_start)
             if probs_out is not None:
                 probs_out[rows, cols] = du
             du.neg_()  # du = e_y - p
@@ -146,7 +152,7 @@ def torch_logprob_bwd(
             du.scatter_add_(1, (lab - c0).clamp(0, c1 - c0 - 1)[:, None], inside.to(cdt)[:, None])
             if fprime is not None:  # dl/dl_v = f'(l_v) dl/dz_v
                 du.mul_(fprime)
-            if delta_out is not None:
+            if delta_out is not None and into is None:
                 delta_out[rows, cols] = du
             grad_hidden_unscaled[rows].addmm_(du, w)
             if acc is not None or grad_bias is not None:

@@ -29,6 +29,41 @@ def _pairs_per_chunk(d_in: int, d_out: int, t_max: int, itemsize: int, chunk_row
 CACHE_ELEMENTS = 1 << 20
 
 
+# Layers whose rows' gradients [R, d_out, d_in] together are at most CACHE_ELEMENTS, over at most SMALL_ROWS rows, take
+# one product for every row's gradient and one R x R Gram matrix of them (R^2 dot products, cheap while R is small).
+SMALL_ROWS = 16
+
+
+def is_small(n_rows: int, d_out: int, d_in: int) -> bool:
+    """Whether a layer takes :func:`small_pair_wgrad`."""
+    return 0 < n_rows <= SMALL_ROWS and n_rows * d_out * d_in <= CACHE_ELEMENTS
+
+
+def gram_index(pairs: Tensor, n_rows: int) -> Tensor:
+    """Flat positions in an ``[R, R]`` Gram matrix of ``<G_w, G_l>``, ``||G_w||^2`` and ``||G_l||^2`` for every pair
+    ``(w, l)`` of ``pairs [B, 2]``: ``[3, B]`` int64."""
+    w, l = pairs[:, 0], pairs[:, 1]
+    return torch.stack([w * n_rows + l, w * (n_rows + 1), l * (n_rows + 1)])
+
+
+def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor, *, bias: bool, out_dtype: torch.dtype):
+    """Every row's gradient at once (a small layer, :func:`is_small`): a ``[R, T, d_in]``, gamma ``[R, T, d_out]``,
+    ``index`` from :func:`gram_index`. dW is the sum over every row (each row's gradient enters it once, whatever the
+    pairs), the statistics come from one Gram matrix of the rows. Same outputs as :func:`torch_pair_wgrad`."""
+    cdt = compute_dtype(a.dtype)
+    x = a if a.dtype == cdt else a.to(cdt)
+    g = gamma if gamma.dtype == cdt else gamma.to(cdt)
+    rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
+    flat = rows.view(rows.shape[0], -1)
+    gram = torch.mm(flat, flat.T)
+    gw, gb = rows.sum(0), None
+    if bias:
+        sums = g.sum(dim=1)  # [R, d_out] per-row bias gradients
+        gram.addmm_(sums, sums.T)
+        gb = sums.sum(0) if out_dtype == cdt else sums.sum(0).to(out_dtype)
+    return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, torch.take(gram, index)
+
+
 _BLOCK_INDEX: dict = {}
 
 
@@ -73,9 +108,11 @@ def _chunked_pairs(blocks, pairs: Tensor, fold: Tensor, gw: Tensor, gb: Tensor |
         gt = g.transpose(1, 2)
         step = max(1, CACHE_ELEMENTS // max(2 * b * d_in, 1))
         gram = None
+        # The slices' per-row gradients, one buffer for every slice: [2b, s, d_in] each.
+        scratch = torch.empty(2 * b * min(step, d_out) * d_in, dtype=gw.dtype, device=gw.device)
         for o0 in range(0, d_out, step):
             o1 = min(o0 + step, d_out)
-            rows = torch.bmm(gt[:, o0:o1], x)  # [2b, s, d_in]: the only live per-row gradients
+            rows = torch.bmm(gt[:, o0:o1], x, out=scratch[: 2 * b * (o1 - o0) * d_in].view(2 * b, o1 - o0, d_in))
             flat = rows.view(2 * b, -1)
             gram = pair_blocks(flat, b, gram)
             if ordered:
@@ -162,36 +199,27 @@ def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor
 
 
 def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor, *, bias: bool,
-                           out_dtype: torch.dtype, chunk_rows: int | None = None, ordered: bool | None = None):
+                           out_dtype: torch.dtype, chunk_rows: int | None = None, ordered: bool | None = None,
+                           grad_weight: Tensor | None = None):
     """The PyTorch path for rows of one width: a ``[R, T, d_in]``, gamma ``[R, T, d_out]`` (padding positions carry
     zero gradients). Each chunk of pairs indexes its rows out of the ``[R, T, d]`` inputs, no padding to build.
     ``ordered``: whether ``pairs`` is the default layout (row i with row B + i, every row paired once), which needs no
-    gather; None works it out. Same outputs as :func:`torch_pair_wgrad`."""
+    gather; None works it out. ``grad_weight``: a ``[d_out, d_in]`` buffer of ``out_dtype`` to write the weight
+    gradient into (returned as such). Same outputs as :func:`torch_pair_wgrad`."""
     cdt = compute_dtype(a.dtype)
     n_rows, t, d_in = a.shape
     d_out = gamma.shape[2]
+    if is_small(n_rows, d_out, d_in) and chunk_rows is None and grad_weight is None:
+        return small_pair_wgrad(a, gamma, gram_index(pairs, n_rows), bias=bias, out_dtype=out_dtype)
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
-    if ordered and 0 < n_rows * d_out * d_in <= CACHE_ELEMENTS and not unpaired.numel() and chunk_rows is None:
-        # Small layers in the default layout (every row paired once, in order): every per-row gradient at once.
-        x = a if a.dtype == cdt else a.to(cdt)
-        g = gamma if gamma.dtype == cdt else gamma.to(cdt)
-        rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
-        flat, gw, sums = rows.view(n_rows, -1), rows.sum(0), (g.sum(dim=1) if bias else None)
-        b = n_rows // 2
-        gram = pair_blocks(flat, b)
-        gb = None
-        if sums is not None:
-            pair_blocks(sums, b, gram)
-            gb = sums.sum(0)
-            gb = gb if out_dtype == cdt else gb.to(out_dtype)
-        stats = torch.take(gram, pair_block_index(b, gram.device)).view(3, -1)
-        return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, stats
     device = a.device
     pairs, fold = pairs.to(device), fold.to(device)
     per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
     ordered = ordered and per_chunk >= pairs.shape[0]
     gw, gb, stats = _outputs(d_out, d_in, pairs.shape[0], bias, cdt, device)
+    if grad_weight is not None and grad_weight.dtype == cdt and pairs.shape[0]:
+        gw = grad_weight  # written by the first chunk of pairs
 
     def blocks(rows: Tensor):
         if ordered:  # every row in order (the default layout): no gather
@@ -205,6 +233,8 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
         gw.addmm_(g_u.T, a.index_select(0, unpaired).to(cdt).reshape(-1, d_in))
         if gb is not None:
             gb.add_(g_u.sum(dim=0))
+    if grad_weight is not None and gw is not grad_weight:
+        gw = grad_weight.copy_(gw)
     return gw.to(out_dtype), (gb.to(out_dtype) if gb is not None else None), stats
 
 

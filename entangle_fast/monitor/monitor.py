@@ -461,7 +461,8 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad():
+            # Autograd runs a backward with grad mode off, unless it is building a graph of the gradients.
+            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
                 rows = self._rows_hint or x.shape[0]
                 grad_w, grad_b, terms = bookkeep(x, gamma, self._plan(rows), transpose=transpose, bias=bias,
                                                  rows=rows, width=self._width_hint, dtype=dtype)
@@ -500,15 +501,12 @@ class EntanglementMonitor:
         out, views = row_param_forward(module, entry.tracked, x, forward)
         if not (_in_backward() and idx in self._captured):
             n = x.shape[0]
-            if len(views) == 1:  # a norm's scale alone: one tensor hook
-                views[0].register_hook(partial(self._on_row_param_grad, idx, n))
+            if len(views) == 1:  # a norm's scale alone: a pre-hook of the view's node receives its gradient
+                views[0].grad_fn.register_prehook(partial(self._on_row_param_grads, idx, n))
             else:
                 torch.autograd.graph.register_multi_grad_hook(views, partial(self._on_row_param_grads, idx, n))
             self._note_call(idx, module, out)
         return out
-
-    def _on_row_param_grad(self, idx: int, n_rows: int, grad) -> None:
-        self._on_row_param_grads(idx, n_rows, (grad,))
 
     def _on_row_param_grads(self, idx: int, n_rows: int, grads) -> None:
         """Backward of a position-wise module on per-row views: each row's gradient is the views' gradient."""
@@ -516,7 +514,7 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad(), self._no_autocast():
+            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext(), self._no_autocast():
                 cdt = self._cdt()
                 rows = [g.detach().reshape(n_rows, -1).to(cdt) if g is not None
                         else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,

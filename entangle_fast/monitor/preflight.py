@@ -76,8 +76,13 @@ def active_dropout(model: nn.Module, modules: list[tuple[str, nn.Module]] | None
              if module.training and module.p > 0]
     config = getattr(model, "config", None)
     if model.training and config is not None:
+        # The config's own attributes, and its aliases (a transformers config's attribute_map) by getattr: a missing
+        # field costs a failed lookup through the config's __getattr__ otherwise, at every monitored step.
+        own, aliases = getattr(config, "__dict__", {}), getattr(config, "attribute_map", None) or {}
+        cls = type(config)
         for field in DROPOUT_CONFIG_FIELDS:
-            value = getattr(config, field, None)
+            by_getattr = field in aliases or hasattr(cls, field)  # an alias, or a class attribute or property
+            value = getattr(config, field, None) if by_getattr else own.get(field)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                 found.append(f"config.{field}={value:g}")
     return found

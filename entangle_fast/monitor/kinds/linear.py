@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entangle_fast._backend import resolve_impl, without_autocast
+from entangle_fast.bookkeeping import dense_with_plan
 from entangle_fast.monitor import reductions as R
 from entangle_fast.monitor.kinds.base import CaptureError, Context, Reducer, Use, as_rows, stock_forward
 
@@ -183,8 +184,6 @@ def bookkeep(x: Tensor, gamma: Tensor, plan, *, transpose: bool, bias: bool, row
     Raises:
         CaptureError: the call's input does not split into the forward's ``rows`` rows.
     """
-    from entangle_fast.bookkeeping import dense_with_plan
-
     a, g = as_rows(x, rows, width), as_rows(gamma, rows, width)
     grad_w, grad_b, stats = dense_with_plan(a, g, plan, bias=bias, out_dtype=dtype,
                                             backend=resolve_impl("auto", g.device, g.dtype))
