@@ -281,7 +281,8 @@ def dense_with_plan(a: Tensor, gamma: Tensor, plan: PairPlan, *, bias: bool, out
     device = gamma.device
     if backend == "torch" and grad_weight is None and chunk_rows is None \
             and is_small(n_rows, gamma.shape[2], a.shape[2]):
-        return small_pair_wgrad(a, gamma, plan.gram_index(device), bias=bias, out_dtype=out_dtype)
+        index = None if plan.ordered else plan.gram_index(device)
+        return small_pair_wgrad(a, gamma, index, bias=bias, out_dtype=out_dtype)
     pr, fold, unpaired = plan.on(device)
     if t == 0:
         unpaired = unpaired[:0]

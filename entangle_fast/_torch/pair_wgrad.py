@@ -46,22 +46,30 @@ def gram_index(pairs: Tensor, n_rows: int) -> Tensor:
     return torch.stack([w * n_rows + l, w * (n_rows + 1), l * (n_rows + 1)])
 
 
-def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor, *, bias: bool, out_dtype: torch.dtype):
-    """Every row's gradient at once (a small layer, :func:`is_small`): a ``[R, T, d_in]``, gamma ``[R, T, d_out]``,
-    ``index`` from :func:`gram_index`. dW is the sum over every row (each row's gradient enters it once, whatever the
-    pairs), the statistics come from one Gram matrix of the rows. Same outputs as :func:`torch_pair_wgrad`."""
+def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor | None, *, bias: bool, out_dtype: torch.dtype):
+    """Every row's gradient at once (a small layer, :func:`is_small`): a ``[R, T, d_in]``, gamma ``[R, T, d_out]``.
+    dW is the sum over every row (each row's gradient enters it once, whatever the pairs). The statistics come from
+    the ``[R, R]`` Gram matrix of the rows at ``index`` (:func:`gram_index`), or, with ``index=None`` for the default
+    layout (row i with row R/2 + i, every row once), from each pair's [2, 2] block alone (:func:`pair_blocks`, a
+    quarter of the products at R = 8). Same outputs as :func:`torch_pair_wgrad`."""
     cdt = compute_dtype(a.dtype)
     x = a if a.dtype == cdt else a.to(cdt)
     g = gamma if gamma.dtype == cdt else gamma.to(cdt)
+    n_rows = x.shape[0]
     rows = torch.bmm(g.transpose(1, 2), x)  # [R, d_out, d_in]
-    flat = rows.view(rows.shape[0], -1)
-    gram = torch.mm(flat, flat.T)
+    flat = rows.view(n_rows, -1)
+    b = n_rows // 2
+    gram = pair_blocks(flat, b) if index is None else torch.mm(flat, flat.T)
     gw, gb = rows.sum(0), None
     if bias:
         sums = g.sum(dim=1)  # [R, d_out] per-row bias gradients
-        gram.addmm_(sums, sums.T)
+        if index is None:
+            pair_blocks(sums, b, gram)
+        else:
+            gram.addmm_(sums, sums.T)
         gb = sums.sum(0) if out_dtype == cdt else sums.sum(0).to(out_dtype)
-    return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, torch.take(gram, index)
+    stats = torch.take(gram, pair_block_index(b, gram.device) if index is None else index).view(3, -1)
+    return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, stats
 
 
 _BLOCK_INDEX: dict = {}
@@ -209,10 +217,11 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     cdt = compute_dtype(a.dtype)
     n_rows, t, d_in = a.shape
     d_out = gamma.shape[2]
-    if is_small(n_rows, d_out, d_in) and chunk_rows is None and grad_weight is None:
-        return small_pair_wgrad(a, gamma, gram_index(pairs, n_rows), bias=bias, out_dtype=out_dtype)
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
+    if is_small(n_rows, d_out, d_in) and chunk_rows is None and grad_weight is None:
+        index = None if ordered else gram_index(pairs.to(a.device), n_rows)
+        return small_pair_wgrad(a, gamma, index, bias=bias, out_dtype=out_dtype)
     device = a.device
     pairs, fold = pairs.to(device), fold.to(device)
     per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
