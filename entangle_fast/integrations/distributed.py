@@ -109,23 +109,13 @@ def local_sums(stats: "EntanglementStats | None", *, lr: float, grad_divisor: fl
     out = torch.zeros(len(METRICS), 2, dtype=torch.float64)
     if stats is not None and stats.inner.numel():
         d_chosen, d_rejected = stats.predicted_delta(lr / grad_divisor)
-        case = stats.case
-        columns = {
-            "cosine": stats.cosine,
-            "inner": stats.inner,
-            "chosen_sq_norm": stats.chosen_sq_norm,
-            "rejected_sq_norm": stats.rejected_sq_norm,
-            "case_ideal": case == 1,
-            "case_both_fall": case == 2,
-            "case_both_rise": case == 3,
-            "case_undefined": case == 0,
-            "zero_coefficient": stats.zero_coefficient,
-            "predicted_delta_chosen": d_chosen,
-            "predicted_delta_rejected": d_rejected,
-        }
-        # One [K, B] float64 block: each metric's sum over its finite entries, and their number.
-        v = torch.stack([columns[name].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-                         for name in METRICS])
+        case = stats.case.detach()
+        values = torch.stack([stats.cosine, stats.inner, stats.chosen_sq_norm, stats.rejected_sq_norm, d_chosen,
+                              d_rejected]).detach().to(device="cpu", dtype=torch.float64)
+        flags = torch.stack([case == 1, case == 2, case == 3, case == 0, stats.zero_coefficient.detach()]).to(
+            device="cpu", dtype=torch.float64)
+        # One [K, B] float64 block in METRICS order: each metric's sum over its finite entries, and their number.
+        v = torch.cat([values[:4], flags, values[4:]])
         finite = torch.isfinite(v)
         out = torch.stack([torch.where(finite, v, 0.0).sum(1), finite.sum(1, dtype=torch.float64)], dim=1)
     return out.to(device)

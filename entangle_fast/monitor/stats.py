@@ -70,11 +70,11 @@ class EntanglementStats:
         With Adam or any preconditioned optimizer this is an indicator of the direction of the pressure on each
         log-prob, not a forecast of the change.
         """
-        def times(a, x):
-            return torch.where(a == 0, torch.zeros_like(x), a * x)
-
-        d_chosen = -lr * (times(self.a_w, self.chosen_sq_norm) + times(self.a_l, self.inner))
-        d_rejected = -lr * (times(self.a_w, self.inner) + times(self.a_l, self.rejected_sq_norm))
+        # [[N_w, I], [I, N_l]] times (a_w, a_l), every product in one op; a zero coefficient's products are 0.
+        grams = torch.stack([self.chosen_sq_norm, self.inner, self.inner, self.rejected_sq_norm]).view(2, 2, -1)
+        coefs = torch.stack([self.a_w, self.a_l]).to(grams.dtype)
+        products = torch.where(coefs == 0, 0, grams * coefs)
+        d_chosen, d_rejected = (products.sum(1) * -lr).unbind(0)
         return d_chosen, d_rejected
 
     def summary(self, lr: float | None = None, max_pairs: int = 16) -> str:
