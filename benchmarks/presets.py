@@ -203,10 +203,10 @@ CPU = Preset(
         MonitorShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, pairs=4,
                      prompt=32, response=96, rounds=15),
         MonitorShape("small", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, vocab=4096, pairs=4,
-                     prompt=32, response=96, rounds=7),
+                     prompt=32, response=96, rounds=9),
         # 2 pairs x 256 tokens at GPT-2-small width: where a step's weight gradients dominate.
         MonitorShape("d768", hidden=768, layers=4, heads=12, kv_heads=4, intermediate=2048, vocab=16000, pairs=2,
-                     prompt=32, response=224, modes=("off", "exact", "exact-autograd", "sketch"), rounds=7),
+                     prompt=32, response=224, modes=("off", "exact", "exact-autograd", "sketch"), rounds=9),
     ),
     # Calls take 0.01-5 s: the median of three rounds absorbs a slow first call, no separate warm-up.
     rounds=3,

@@ -200,7 +200,7 @@ def _side_by_side(shape: TrainerShape, benchmark, tmp_path, rounds: int) -> dict
 def test_trainer_step(benchmark, case, tmp_path, record_property):
     pytest.importorskip("trl", reason="requires_trl: pip install entangle-fast[trl]")
     benchmark.group = case.describe()["group"]
-    rounds = 1 if benchmark.disabled else 6  # two turns of the rotating order
+    rounds = 1 if benchmark.disabled else 12  # four turns of the rotating order
     key = (case.shape.name, rounds)
     first = key not in _TAKEN
     if first:
