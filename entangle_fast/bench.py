@@ -267,10 +267,9 @@ def _side(expr: str, impls: dict, metric: str, pass_: str) -> float | None:
     return values[0] - sum(values[1:])
 
 
-def _paired(d: Ratio, impls: dict) -> float | None:
-    """The median over rounds of the per-round time ratio, where both implementations were timed side by side
-    (``side_by_side`` in their results: round i of each was taken in the same turn, one after the other), so that
-    the machine's drift between rounds cancels; None otherwise."""
+def round_ratios(d: Ratio, impls: dict) -> list[float] | None:
+    """The per-round time ratios of ``d``, where both implementations were timed side by side (``side_by_side`` in
+    their results: round i of each was taken in the same turn, one after the other); None otherwise."""
     if d.metric != "time" or " - " in d.numerator or " - " in d.denominator:
         return None
     a, b = impls.get(d.numerator), impls.get(d.denominator)
@@ -279,7 +278,14 @@ def _paired(d: Ratio, impls: dict) -> float | None:
     sa, sb = a.get("samples_ms") or [], b.get("samples_ms") or []
     if not sa or len(sa) != len(sb) or min(sb) <= 0:
         return None
-    return statistics.median(x / y for x, y in zip(sa, sb))
+    return [x / y for x, y in zip(sa, sb)]
+
+
+def _paired(d: Ratio, impls: dict) -> float | None:
+    """The median over rounds of the per-round time ratio (:func:`round_ratios`), so that the machine's drift
+    between rounds cancels; None where the two were not timed side by side."""
+    rounds = round_ratios(d, impls)
+    return None if rounds is None else statistics.median(rounds)
 
 
 def compute_ratios(results: list[dict], ours_auto: str, declared: list[Ratio] | None = None) -> list[dict]:
@@ -455,12 +461,63 @@ def _sweeps(results: list[dict], varying: str) -> tuple[dict, list[dict]]:
 
 
 def plot_run(run: dict, prefix: str | Path) -> list[Path]:
-    """``<prefix>-time.png`` and ``<prefix>-memory.png``: the log-prob op's time and peak memory against sequence
-    length (tokens N) and vocabulary size, one line per implementation and pass (full step solid, forward dashed)."""
+    """The run's plots, for what it measured:
+
+    - ``<prefix>-time.png`` and ``<prefix>-memory.png`` when it has log-prob results: the op's time and peak memory
+      against sequence length (tokens N) and vocabulary size, one line per implementation and pass (full step solid,
+      forward dashed);
+    - ``<prefix>-rounds.png`` when it has time ratios taken side by side (the monitor and trainer suites): every
+      round's ratio and their median (:func:`plot_round_ratios`)."""
+    prefix = Path(prefix)
+    written = _plot_logprobs(run, prefix) if any(r["kind"] == "logprobs" for r in run["results"]) else []
+    rounds = plot_round_ratios(run, prefix.parent / f"{prefix.name}-rounds.png")
+    return written + ([rounds] if rounds is not None else [])
+
+
+def plot_round_ratios(run: dict, path: str | Path, declared: list[Ratio] | None = None) -> Path | None:
+    """Every time ratio of ``run`` taken side by side, one column each: a dot per round and a bar at their median
+    (the value the summary reports), against a line at 1, so that a ratio's spread over the run is in view beside its
+    value. Returns the path, or None when the run has no such ratio."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    prefix = Path(prefix)
+    declared = suite_ratios() if declared is None else declared
+    shapes: dict[tuple, dict[str, dict]] = {}
+    for r in run["results"]:
+        shapes.setdefault((r["kind"], r["shape"]), {})[r["impl"]] = r
+    columns = []  # (label, per-round ratios)
+    for d in declared:
+        for (kind, shape), impls in sorted(shapes.items()):
+            rounds = round_ratios(d, impls) if kind == d.kind else None
+            if rounds:
+                columns.append((f"{shape}\n{d.numerator} / {d.denominator}", rounds))
+    if not columns:
+        return None
+    fig = Figure(figsize=(max(6.0, 0.9 * len(columns) + 1.5), 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (_, rounds) in enumerate(columns):
+        median = statistics.median(rounds)
+        ax.scatter([i] * len(rounds), rounds, s=14, alpha=0.6, color="C0")
+        ax.hlines(median, i - 0.3, i + 0.3, color="C3", linewidth=2)
+        ax.annotate(f"{median:.2f}", (i, max(rounds)), textcoords="offset points", xytext=(0, 4), ha="center",
+                    fontsize=7)
+    ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")
+    ax.set_yscale("log")  # ratios from ~1 (the monitor) to ~10 (the two-extra-backward baseline) on one axis
+    ax.set_xticks(range(len(columns)), [label for label, _ in columns], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("time ratio, log scale (dots: rounds; bar: median)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(f"side-by-side time ratios: preset {run['preset']}, {machine_slug(run['machine'], run['device'])}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _plot_logprobs(run: dict, prefix: Path) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     written = []
     impls = sorted({r["impl"] for r in run["results"] if r["kind"] == "logprobs"})
     colour = {impl: f"C{i % 10}" for i, impl in enumerate(impls)}  # one colour per implementation in both figures
@@ -486,7 +543,7 @@ def plot_run(run: dict, prefix: str | Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
-            ax.set_title(", ".join(f"{k}={v}" for k, v in fixed.items()) or "no log-prob results", fontsize=9)
+            ax.set_title(", ".join(f"{k}={v}" for k, v in fixed.items()), fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if lines:
                 ax.legend(fontsize=7)
@@ -636,7 +693,7 @@ def run_preset(preset: str, out_dir: str | Path, *, keyword: str | None = None, 
                pytest_args: tuple[str, ...] = ()) -> RunFiles:
     """Run the suites at ``preset`` through pytest-benchmark in this process, then write into ``out_dir``:
     ``<machine>-<date>.json`` (the run; ``<machine>-<preset>-<date>`` for the smoke preset), ``.md`` (summary) and
-    ``-time.png``/``-memory.png``. pytest's own output goes to a log file (its path is returned). ``smoke`` runs each
+    the plots of :func:`plot_run`. pytest's own output goes to a log file (its path is returned). ``smoke`` runs each
     case once (``--benchmark-disable``). Call it once per process: pytest caches the suites' modules."""
     import importlib.util
 

@@ -49,7 +49,8 @@ def test_smoke_run_writes_json_summary_and_plots(smoke):
     assert {p.suffix for p in written} == {".json", ".md", ".png"}, proc.stdout
     assert all(p.is_file() and p.parent == out for p in written), proc.stdout
     pngs = [p for p in written if p.suffix == ".png"]
-    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in pngs) == ["memory.png", "rounds.png", "time.png"], proc.stdout
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "smoke" in written[0].name and written[0].name.startswith("cpu-" if not torch.cuda.is_available() else "")
     assert "## Headline ratios" in next(p for p in written if p.suffix == ".md").read_text()
 
@@ -173,8 +174,19 @@ def test_ratios_summary_and_plots_from_synthetic_results(tmp_path):
     assert "| logprobs | rows2-seq64-hidden16-vocab64 | full | ours-torch / reference time | 0.25 | lower |" in text
     assert "liger-kernel is not installed" in text and "cpu-2core" in text
     plots = bench.plot_run(run, tmp_path / "synthetic")
-    assert [p.name for p in plots] == ["synthetic-time.png", "synthetic-memory.png"]
+    assert [p.name for p in plots][:2] == ["synthetic-time.png", "synthetic-memory.png"]
     assert all(p.stat().st_size > 1000 for p in plots)
+    # Only what the run measured is plotted: no log-prob figures without log-prob results, no rounds figure without
+    # side-by-side ratios.
+    monitor_only = dict(run, results=[r for r in run["results"] if r["kind"] in ("monitor", "trainer")])
+    assert bench.plot_run(monitor_only, tmp_path / "unpaired") == []
+    for r, rounds in zip(monitor_only["results"], ([100.0, 90.0, 120.0], [110.0, 99.0, 150.0])):  # off, exact
+        r.update(side_by_side=True, samples_ms=rounds)
+    ratios = {d.name: d for d in bench.suite_ratios()}
+    impls = {r["impl"]: r for r in monitor_only["results"][:2]}
+    assert bench.round_ratios(ratios["exact / off step time"], impls) == pytest.approx([1.1, 1.1, 1.25])
+    assert [p.name for p in bench.plot_run(monitor_only, tmp_path / "monitor")] == ["monitor-rounds.png"]
+    assert bench.plot_run(dict(run, results=[]), tmp_path / "empty") == []
 
 
 def test_compare_two_synthetic_run_files(tmp_path, capsys):
