@@ -40,14 +40,7 @@ from torch import Tensor
 from entangle_fast import _backend
 from entangle_fast._backend import launcher, resolve_impl
 from entangle_fast._contract import check_index_pairs, check_segments
-from entangle_fast._torch.pair_wgrad import (
-    gram_index,
-    is_default_layout,
-    is_small,
-    small_pair_wgrad,
-    torch_pair_wgrad,
-    torch_pair_wgrad_dense,
-)
+from entangle_fast._torch.pair_wgrad import gram_index, is_default_layout, torch_pair_wgrad, torch_pair_wgrad_dense
 
 _backend.register("pair_wgrad", torch="entangle_fast._torch.pair_wgrad:torch_pair_wgrad",
                   triton="entangle_fast.kernels.pair_wgrad:pair_wgrad", cuda="entangle_fast._cuda:cuda_pair_wgrad")
@@ -279,16 +272,13 @@ def dense_with_plan(a: Tensor, gamma: Tensor, plan: PairPlan, *, bias: bool, out
     gradient), returned in its place."""
     n_rows, t = a.shape[:2]
     device = gamma.device
-    if backend == "torch" and grad_weight is None and chunk_rows is None \
-            and is_small(n_rows, gamma.shape[2], a.shape[2]):
-        index = None if plan.ordered else plan.gram_index(device)
-        return small_pair_wgrad(a, gamma, index, bias=bias, out_dtype=out_dtype)
     pr, fold, unpaired = plan.on(device)
     if t == 0:
         unpaired = unpaired[:0]
     if backend == "torch":
         return torch_pair_wgrad_dense(a, gamma, pr, fold, unpaired, bias=bias, out_dtype=out_dtype,
-                                      chunk_rows=chunk_rows, ordered=plan.ordered, grad_weight=grad_weight)
+                                      chunk_rows=chunk_rows, ordered=plan.ordered, grad_weight=grad_weight,
+                                      index=None if plan.ordered else plan.gram_index(device))
     cu = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * t
     args = (a.reshape(n_rows * t, a.shape[2]).contiguous(), gamma.reshape(n_rows * t, gamma.shape[2]).contiguous(), cu,
             pr.contiguous(), fold, unpaired)

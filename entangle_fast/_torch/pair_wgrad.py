@@ -30,7 +30,8 @@ CACHE_ELEMENTS = 1 << 20
 
 
 # Layers whose rows' gradients [R, d_out, d_in] together are at most CACHE_ELEMENTS, over at most SMALL_ROWS rows, take
-# one product for every row's gradient and one R x R Gram matrix of them (R^2 dot products, cheap while R is small).
+# one product for every row's gradient at once (:func:`small_pair_wgrad`); outside the default layout their statistics
+# come from the R x R Gram matrix of the rows (R^2 dot products, cheap while R is small).
 SMALL_ROWS = 16
 
 
@@ -208,20 +209,22 @@ def torch_pair_wgrad(a: Tensor, gamma: Tensor, cu_seqlens: Tensor, pairs: Tensor
 
 def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor, unpaired: Tensor, *, bias: bool,
                            out_dtype: torch.dtype, chunk_rows: int | None = None, ordered: bool | None = None,
-                           grad_weight: Tensor | None = None):
+                           grad_weight: Tensor | None = None, index: Tensor | None = None):
     """The PyTorch path for rows of one width: a ``[R, T, d_in]``, gamma ``[R, T, d_out]`` (padding positions carry
-    zero gradients). Each chunk of pairs indexes its rows out of the ``[R, T, d]`` inputs, no padding to build.
-    ``ordered``: whether ``pairs`` is the default layout (row i with row B + i, every row paired once), which needs no
-    gather; None works it out. ``grad_weight``: a ``[d_out, d_in]`` buffer of ``out_dtype`` to write the weight
-    gradient into (returned as such). Same outputs as :func:`torch_pair_wgrad`."""
+    zero gradients). Each chunk of pairs indexes its rows out of the ``[R, T, d]`` inputs, no padding to build; a small
+    layer (:func:`is_small`) takes every row at once. ``ordered``: whether ``pairs`` is the default layout (row i with
+    row B + i, every row paired once), which needs no gather; None works it out. ``grad_weight``: a ``[d_out, d_in]``
+    buffer of ``out_dtype`` to write the weight gradient into (returned as such). ``index``: the pairs'
+    :func:`gram_index` where the caller keeps it (made here otherwise). Same outputs as :func:`torch_pair_wgrad`."""
     cdt = compute_dtype(a.dtype)
     n_rows, t, d_in = a.shape
     d_out = gamma.shape[2]
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
     if is_small(n_rows, d_out, d_in) and chunk_rows is None and grad_weight is None:
-        index = None if ordered else gram_index(pairs.to(a.device), n_rows)
-        return small_pair_wgrad(a, gamma, index, bias=bias, out_dtype=out_dtype)
+        if not ordered and index is None:
+            index = gram_index(pairs.to(a.device), n_rows)
+        return small_pair_wgrad(a, gamma, None if ordered else index, bias=bias, out_dtype=out_dtype)
     device = a.device
     pairs, fold = pairs.to(device), fold.to(device)
     per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)
