@@ -109,6 +109,28 @@ def test_probs_chunk_fully_written_over_nan_poison(impl):
     assert_exact64(probs, expected, rtol=1e-5, name="probs chunk")
 
 
+@pytest.mark.parametrize("gradients", [False, True], ids=["deltas_alone", "with_weight_and_bias_grads"])
+def test_torch_deltas_are_unscaled_whatever_else_is_asked(gradients):
+    """The PyTorch backward's deltas f'(l) (e_y - p), written whole-tile (formed in place there when nothing else
+    needs the tile) or beside the weight and bias gradients (which scale the tile by the upstream gradient): the same
+    unscaled deltas either way, against float64."""
+    hidden, weight, labels, b = make_inputs(13, 70, 16, torch.float32, ignore=(0, 12))
+    _, lse = torch_lp.torch_logprob_fwd(hidden, weight, labels, b, -100)
+    upstream = torch.linspace(0.5, 2.0, 13)
+    deltas = torch.full((13, 70), float("nan"))
+    gw, gb = (torch.zeros(70, 16), torch.zeros(70)) if gradients else (None, None)
+    torch_lp.torch_logprob_bwd(hidden, weight, labels, b, lse, upstream, -100, grad_hidden_unscaled=torch.zeros(13, 16),
+                               grad_weight=gw, grad_bias=gb, vocab_start=0, vocab_end=70, probs_out=None,
+                               delta_out=deltas)
+    p = torch.softmax(hidden.double() @ weight.double().T + b.double(), -1)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), 70).double()
+    expected = onehot - p
+    expected[[0, 12]] = 0
+    assert_exact64(deltas, expected, rtol=1e-5, name="deltas")
+    if gradients:
+        assert_exact64(gw, (upstream.double()[:, None] * expected).T @ hidden.double(), rtol=1e-4, name="grad_weight")
+
+
 def test_empty_input_returns_empty_and_backward_runs():
     hidden = torch.randn(0, 8, requires_grad=True)
     weight = torch.randn(5, 8, requires_grad=True)

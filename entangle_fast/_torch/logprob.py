@@ -137,8 +137,10 @@ def torch_logprob_bwd(
         cols = slice(c0 - vocab_start, c1 - vocab_start)
         for rows in row_chunks(n):
             h = hidden[rows].to(cdt)
-            # The deltas alone are asked for, as one contiguous tile: the logits are formed in place there.
-            into = delta_out[rows, cols] if probs_out is None and delta_out is not None else None
+            # The deltas alone are asked for, as one contiguous tile, and nothing scales them afterwards (the weight
+            # and bias gradients scale the tile in place): the logits are formed in place there.
+            alone = probs_out is None and delta_out is not None and acc is None and grad_bias is None
+            into = delta_out[rows, cols] if alone else None
             into = into if into is not None and into.is_contiguous() else None
             logits = tile_logits(h, w, b) if into is None else tile_logits(h, w, b, out=into)
             z, fprime = _transform_tile_(logits, scale, softcap, derivative=True)
