@@ -47,12 +47,14 @@ def gram_index(pairs: Tensor, n_rows: int) -> Tensor:
     return torch.stack([w * n_rows + l, w * (n_rows + 1), l * (n_rows + 1)])
 
 
-def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor | None, *, bias: bool, out_dtype: torch.dtype):
+def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor | None, *, bias: bool, out_dtype: torch.dtype,
+                     grad_weight: Tensor | None = None):
     """Every row's gradient at once (a small layer, :func:`is_small`): a ``[R, T, d_in]``, gamma ``[R, T, d_out]``.
-    dW is the sum over every row (each row's gradient enters it once, whatever the pairs). The statistics come from
-    the ``[R, R]`` Gram matrix of the rows at ``index`` (:func:`gram_index`), or, with ``index=None`` for the default
-    layout (row i with row R/2 + i, every row once), from each pair's [2, 2] block alone (:func:`pair_blocks`, a
-    quarter of the products at R = 8). Same outputs as :func:`torch_pair_wgrad`."""
+    dW is the sum over every row (each row's gradient enters it once, whatever the pairs), written into
+    ``grad_weight`` when given. The statistics come from the ``[R, R]`` Gram matrix of the rows at ``index``
+    (:func:`gram_index`), or, with ``index=None`` for the default layout (row i with row R/2 + i, every row once), from
+    each pair's [2, 2] block alone (:func:`pair_blocks`, a quarter of the products at R = 8). Same outputs as
+    :func:`torch_pair_wgrad`."""
     cdt = compute_dtype(a.dtype)
     x = a if a.dtype == cdt else a.to(cdt)
     g = gamma if gamma.dtype == cdt else gamma.to(cdt)
@@ -61,7 +63,13 @@ def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor | None, *, bias: bo
     flat = rows.view(n_rows, -1)
     b = n_rows // 2
     gram = pair_blocks(flat, b) if index is None else torch.mm(flat, flat.T)
-    gw, gb = rows.sum(0), None
+    if grad_weight is None:
+        gw = rows.sum(0)
+    elif grad_weight.dtype == cdt:
+        gw = torch.sum(rows, 0, out=grad_weight)
+    else:
+        gw = grad_weight.copy_(rows.sum(0))
+    gb = None
     if bias:
         sums = g.sum(dim=1)  # [R, d_out] per-row bias gradients
         if index is None:
@@ -70,7 +78,7 @@ def small_pair_wgrad(a: Tensor, gamma: Tensor, index: Tensor | None, *, bias: bo
             gram.addmm_(sums, sums.T)
         gb = sums.sum(0) if out_dtype == cdt else sums.sum(0).to(out_dtype)
     stats = torch.take(gram, pair_block_index(b, gram.device) if index is None else index).view(3, -1)
-    return (gw if out_dtype == cdt else gw.to(out_dtype)), gb, stats
+    return (gw if gw.dtype == out_dtype else gw.to(out_dtype)), gb, stats
 
 
 _BLOCK_INDEX: dict = {}
@@ -221,10 +229,11 @@ def torch_pair_wgrad_dense(a: Tensor, gamma: Tensor, pairs: Tensor, fold: Tensor
     d_out = gamma.shape[2]
     if ordered is None:
         ordered = is_default_layout(pairs, n_rows)
-    if is_small(n_rows, d_out, d_in) and chunk_rows is None and grad_weight is None:
+    if is_small(n_rows, d_out, d_in) and chunk_rows is None:
         if not ordered and index is None:
             index = gram_index(pairs.to(a.device), n_rows)
-        return small_pair_wgrad(a, gamma, None if ordered else index, bias=bias, out_dtype=out_dtype)
+        return small_pair_wgrad(a, gamma, None if ordered else index, bias=bias, out_dtype=out_dtype,
+                                grad_weight=grad_weight)
     device = a.device
     pairs, fold = pairs.to(device), fold.to(device)
     per_chunk = _pairs_per_chunk(d_in, d_out, t, torch.finfo(cdt).bits // 8, chunk_rows)

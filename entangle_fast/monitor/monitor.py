@@ -395,7 +395,7 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad(), self._no_autocast():
+            with self._reduction_mode():
                 grad_w, grad_b, terms = X.bookkeep_experts(
                     x, gamma, routing, weight.shape, self._plan(self._rows_hint), transposed=module.is_transposed,
                     bias=bias, dtype=dtype, backend=resolve_impl("auto", gamma.device, gamma.dtype))
@@ -419,7 +419,7 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad(), self._no_autocast():
+            with self._reduction_mode():
                 rows = self._rows_hint or ids.shape[0]
                 ids2, g = as_rows(ids, rows, self._width_hint, ids=True), as_rows(gamma, rows, self._width_hint)
                 grad_w, terms = R.embedding_bookkeep(ids2, g, self._plan(rows), num_embeddings=module.num_embeddings,
@@ -461,8 +461,7 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            # Autograd runs a backward with grad mode off, unless it is building a graph of the gradients.
-            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            with self._reduction_mode():
                 rows = self._rows_hint or x.shape[0]
                 grad_w, grad_b, terms = bookkeep(x, gamma, self._plan(rows), transpose=transpose, bias=bias,
                                                  rows=rows, width=self._width_hint, dtype=dtype)
@@ -514,7 +513,7 @@ class EntanglementMonitor:
         self._backward_seen = True
         self._done_units.add(self.coverage.unit_of[idx])
         try:
-            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext(), self._no_autocast():
+            with self._reduction_mode():
                 cdt = self._cdt()
                 rows = [g.detach().reshape(n_rows, -1).to(cdt) if g is not None
                         else torch.zeros(n_rows, getattr(entry.module, a).numel(), dtype=cdt,
@@ -781,7 +780,7 @@ class EntanglementMonitor:
         self._done_units.add(unit)
         members = self.coverage.units[unit]
         try:
-            with torch.no_grad(), self._no_autocast():
+            with self._reduction_mode():
                 self._reduce_unit(members)
         except Exception as err:
             names = ", ".join(self.coverage.entries[i].name for i in members)
@@ -957,17 +956,26 @@ class EntanglementMonitor:
                                "is computed from (slicing again makes new tensors)")
         return self._watch["chosen"].to(device=dev, dtype=cdt), self._watch["rejected"].to(device=dev, dtype=cdt), None
 
-    def _no_autocast(self):
-        """The monitor's reductions run in their own dtypes: on CPU the backward (and its hooks) run in the caller's
-        thread, inside the caller's autocast region when there is one."""
+    def _reduction_mode(self):
+        """What the monitor's reductions run under: no graph, and no autocast (they keep their own dtypes; on CPU the
+        backward and its hooks run in the caller's thread, inside its autocast region when there is one). Either is
+        entered only where it is on: autograd runs a backward hook with grad mode off already, and entering a mode
+        costs microseconds on every hook of every step."""
         device = self._device_type
-        return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        grad, cast = torch.is_grad_enabled(), torch.is_autocast_enabled(device)
+        if not cast:
+            return torch.no_grad() if grad else contextlib.nullcontext()
+        if not grad:
+            return torch.autocast(device, enabled=False)
+        both = contextlib.ExitStack()
+        both.enter_context(torch.no_grad())
+        both.enter_context(torch.autocast(device, enabled=False))
+        return both
 
     def _finalize(self) -> None:
-        with self._no_autocast():
+        with self._reduction_mode():
             self._finalize_stats()
 
-    @torch.no_grad()
     def _finalize_stats(self) -> None:
         if not self._backward_seen:
             raise RuntimeError("EntanglementMonitor: no backward reached the monitored model inside the with-block "

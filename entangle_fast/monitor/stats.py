@@ -70,11 +70,8 @@ class EntanglementStats:
         With Adam or any preconditioned optimizer this is an indicator of the direction of the pressure on each
         log-prob, not a forecast of the change.
         """
-        # [[N_w, I], [I, N_l]] times (a_w, a_l), every product in one op; a zero coefficient's products are 0.
-        grams = torch.stack([self.chosen_sq_norm, self.inner, self.inner, self.rejected_sq_norm]).view(2, 2, -1)
-        coefs = torch.stack([self.a_w, self.a_l]).to(grams.dtype)
-        products = torch.where(coefs == 0, 0, grams * coefs)
-        d_chosen, d_rejected = (products.sum(1) * -lr).unbind(0)
+        changes, _, _ = _first_order(self.inner, self.chosen_sq_norm, self.rejected_sq_norm, self.a_w, self.a_l)
+        d_chosen, d_rejected = (changes * -lr).unbind(0)
         return d_chosen, d_rejected
 
     def summary(self, lr: float | None = None, max_pairs: int = 16) -> str:
@@ -119,15 +116,22 @@ class EntanglementStats:
         return self.summary()
 
 
+def _first_order(inner: Tensor, nw: Tensor, nl: Tensor, a_w: Tensor, a_l: Tensor):
+    """The first-order SGD changes of docs/math.md section 2 per unit step size, before the minus sign: ``[2, B]``
+    a_w N_w + a_l I (chosen) and a_w I + a_l N_l (rejected), [[N_w, I], [I, N_l]] times (a_w, a_l) in one product,
+    a zero coefficient's products 0 (0 * NaN counts as 0). Returns ``(changes, grams [2, 2, B], coefs [2, B])``."""
+    grams = torch.stack([nw, inner, inner, nl]).view(2, 2, -1)
+    coefs = torch.stack([a_w, a_l]).to(grams.dtype)
+    return torch.where(coefs == 0, 0, grams * coefs).sum(1), grams, coefs
+
+
 def classify(inner: Tensor, nw: Tensor, nl: Tensor, a_w: Tensor, a_l: Tensor):
-    """``(case, chosen_falls, rejected_rises)`` from the first-order SGD changes of docs/math.md section 2."""
-    # [[N_w, inner], [inner, N_l]] times (a_w, a_l): the first-order changes' signs, a_w N_w + a_l inner (chosen) and
-    # a_w inner + a_l N_l (rejected), in one product.
-    grams = torch.stack([nw, inner, inner, nl])
-    coefs = torch.stack([a_w, a_l])
-    chosen, rejected = (grams.view(2, 2, -1) * coefs).sum(1).unbind(0)
+    """``(case, chosen_falls, rejected_rises)`` from the first-order SGD changes of docs/math.md section 2 (their
+    signs: the step is minus the changes)."""
+    changes, grams, coefs = _first_order(inner, nw, nl, a_w, a_l)
+    chosen, rejected = changes.unbind(0)
     chosen_falls, rejected_rises = chosen > 0, rejected < 0
-    defined = (coefs != 0).all(0) & torch.isfinite(grams).all(0)
+    defined = (coefs != 0).all(0) & torch.isfinite(grams.view(4, -1)).all(0)
     # ideal 1 (neither), both fall 2 (chosen falls only), both rise 3 (rejected rises only); both at once: 0.
     case = torch.where(chosen_falls, torch.where(rejected_rises, 0, 2), torch.where(rejected_rises, 3, 1))
     case = torch.where(defined, case, 0)
